@@ -1,0 +1,173 @@
+"""HF safetensors checkpoints: single file or sharded (`model.safetensors.index.json`), memory-mapped.
+
+`Checkpoint` opens a model directory and reads tensors lazily; it counts every tensor and byte
+it reads, so tests (and the meter) can see that an expert worker reads only its experts:
+
+    ckpt = Checkpoint("nodes/bundled")
+    model = ckpt.load_model()                           # the whole model (the coordinator)
+    experts = ckpt.load_experts([(0, 3), (2, 5)])       # only those experts (a function)
+    ckpt.tensors_read, ckpt.bytes_read
+
+Parameter names are HF's, with a few per-family renames (Mixtral's `block_sparse_moe.experts.N.w1`
+is our `mlp.experts.N.gate_proj`). Every error names the file, the tensor and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import MoEConfig
+from .layers import MLP
+from .model import MoEModel
+
+# (HF name fragment, our name fragment), applied in order, per family.
+_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "mixtral": (
+        (".block_sparse_moe.", ".mlp."),
+        (".w1.", ".gate_proj."),
+        (".w3.", ".up_proj."),
+        (".w2.", ".down_proj."),
+    ),
+    "qwen2_moe": ((".mlp.shared_expert.", ".mlp.shared_experts."),),
+}
+_BUFFERS = ("e_score_correction_bias",)  # stored in checkpoints, registered as buffers here
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config: missing tensor, wrong shape, bad index."""
+
+
+def to_ours(family: str, hf_name: str) -> str:
+    for theirs, ours in _RENAMES.get(family, ()):
+        hf_name = hf_name.replace(theirs, ours)
+    return hf_name
+
+
+def to_hf(family: str, our_name: str) -> str:
+    for theirs, ours in reversed(_RENAMES.get(family, ())):
+        our_name = our_name.replace(ours, theirs)
+    return our_name
+
+
+def expert_prefix(config: MoEConfig, moe_layer: int, expert: int) -> str:
+    return f"model.layers.{config.moe_layer_ids[moe_layer]}.mlp.experts.{expert}."
+
+
+class Checkpoint:
+    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        self.path = Path(path)
+        self.dtype = dtype
+        self.config = MoEConfig.from_file(self.path)
+        self.family = self.config.family
+        self._file_of: dict[str, Path] = {}  # our name -> shard file
+        self._hf_name: dict[str, str] = {}  # our name -> name stored in the file
+        self._handles: dict[Path, object] = {}
+        self.tensors_read: list[str] = []
+        self.bytes_read = 0
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({exc})") from None
+            for hf_name, shard in weight_map.items():
+                self._register(hf_name, self.path / shard)
+        elif single.exists():
+            with safe_open(single, "pt") as f:
+                for hf_name in f.keys():
+                    self._register(hf_name, single)
+        else:
+            raise CheckpointError(f"{self.path}: neither model.safetensors nor model.safetensors.index.json")
+
+    def _register(self, hf_name: str, file: Path) -> None:
+        ours = to_ours(self.family, hf_name)
+        self._file_of[ours] = file
+        self._hf_name[ours] = hf_name
+
+    def names(self) -> list[str]:
+        return sorted(self._file_of)
+
+    def read(self, name: str, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
+        """One tensor by our name, checked against `shape`, cast to the checkpoint dtype."""
+        file = self._file_of.get(name)
+        if file is None:
+            raise CheckpointError(
+                f"{self.path}: tensor {to_hf(self.family, name)!r} is missing "
+                f"(expected by the {self.family} config; the files hold {len(self._file_of)} tensors)"
+            )
+        handle = self._handles.get(file)
+        if handle is None:
+            if not file.exists():
+                raise CheckpointError(f"{file}: shard listed in the index is missing (holds {name!r})")
+            handle = self._handles[file] = safe_open(file, "pt")
+        tensor = handle.get_tensor(self._hf_name[name])
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{file}: tensor {self._hf_name[name]!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(shape)} from {self.path / 'config.json'}"
+            )
+        self.tensors_read.append(name)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor.to(self.dtype)
+
+    def _fill(self, module: nn.Module, prefix: str, skip: Iterable[str] = ()) -> None:
+        skip = tuple(skip)
+        expected = dict(module.named_parameters(remove_duplicate=True))
+        expected.update({n: b for n, b in module.named_buffers() if n.rsplit(".", 1)[-1] in _BUFFERS})
+        with torch.no_grad():
+            for name, target in expected.items():
+                full = prefix + name
+                if skip and full.startswith(skip):
+                    continue
+                if full == "lm_head.weight" and self.config.tie_word_embeddings:
+                    continue
+                target.copy_(self.read(full, target.shape))
+
+    def load_model(self, skip_experts: bool = False) -> MoEModel:
+        """The whole model (or, with skip_experts, everything but the routed experts' weights)."""
+        model = MoEModel(self.config).to(self.dtype)
+        skip = ()
+        if skip_experts:
+            skip = tuple(f"model.layers.{i}.mlp.experts." for i in self.config.moe_layer_ids)
+        self._fill(model, "", skip)
+        return model.eval()
+
+    def load_experts(self, experts: Iterable[tuple[int, int]]) -> dict[tuple[int, int], MLP]:
+        """Only the given (moe_layer, expert) pairs: what one expert function loads."""
+        config, out = self.config, {}
+        for layer, expert in experts:
+            if not (0 <= layer < config.num_moe_layers and 0 <= expert < config.num_experts):
+                raise CheckpointError(
+                    f"{self.path}: unknown expert ({layer}, {expert}); this model has "
+                    f"{config.num_moe_layers} MoE layers x {config.num_experts} experts"
+                )
+            mlp = MLP(config.hidden_size, config.expert_intermediate_size).to(self.dtype)
+            self._fill(mlp, expert_prefix(config, layer, expert))
+            out[(layer, expert)] = mlp.eval()
+        return out
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def save_checkpoint(model: MoEModel, raw_config: dict, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write `model` in the HF layout of its family: config.json + model.safetensors."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    family = model.config.family
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        state[to_hf(family, name)] = tensor.detach().to(dtype).contiguous()
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(raw_config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,195 @@
+"""The MoE block, split into stages so that dispatch and combine can cross the network.
+
+    x [T, H] ──► Router ──► Routing(weights [T, k], experts [T, k])
+                   │
+                   ▼
+               dispatch ──► Dispatch: the T*k (token, expert) slots sorted by expert,
+                   │        rows [T*k, H], counts per expert
+                   ▼
+               experts  ──► y [T*k, H] unweighted outputs, same row order
+                   │        (an ExpertExecutor decides where: in this process, or remote
+                   │         functions over ZeroMQ while local experts compute)
+                   ▼
+               combine  ──► out [T, H] = sum_k weight * y  (+ shared experts)
+
+The maths never depends on where the experts ran: the executor returns the same rows
+in the same order. `reference_forward` keeps the HF-style `index_add_` loop that the staged
+path is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+from .layers import MLP
+
+
+@dataclass(frozen=True)
+class Routing:
+    weights: torch.Tensor  # [T, k] combine weight per chosen expert (float32)
+    experts: torch.Tensor  # [T, k] int64 chosen expert ids
+    logits: torch.Tensor  # [T, E] router logits (float32)
+
+
+class Router(nn.Module):
+    """The gate: scores every expert, picks top-k with the family's normalisation rules."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        if config.topk_method == "noaux_tc":  # DeepSeek-V3: load-balancing bias used for choice only
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
+        self.top_k, self.num_experts = config.top_k, config.num_experts
+        self.scoring, self.topk_method = config.scoring, config.topk_method
+        self.norm_topk_prob, self.scale = config.norm_topk_prob, config.routed_scaling_factor
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
+        if self.topk_method == "greedy":
+            weights, experts = scores.topk(self.top_k, dim=-1)
+        else:
+            choice = scores
+            if self.topk_method == "noaux_tc":
+                choice = scores + self.e_score_correction_bias
+            experts = self._group_limited(choice).topk(self.top_k, dim=-1).indices
+            weights = scores.gather(1, experts)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if self.scoring == "sigmoid" else 0.0))
+        return Routing(weights * self.scale, experts, logits)
+
+    def _group_limited(self, choice: torch.Tensor) -> torch.Tensor:
+        """Keep only experts of the best `topk_group` of `n_group` groups (DeepSeek-V2/V3)."""
+        tokens = choice.shape[0]
+        grouped = choice.view(tokens, self.n_group, -1)  # [T, groups, E/groups]
+        if self.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            fill = float("-inf")
+        else:
+            group_scores = grouped.max(dim=-1).values
+            fill = 0.0
+        best = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[..., None], fill).view(tokens, -1)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """The routed (token, expert) slots of one MoE layer, grouped by expert.
+
+    x:       [S, H] input rows, S = T * k, sorted by expert (stable: token order within expert)
+    token:   [S] int64 source token of each row
+    weight:  [S] float32 combine weight of each row
+    counts:  [E] int64 rows per expert; expert e owns rows offsets[e] .. offsets[e+1]
+    """
+
+    layer: int
+    x: torch.Tensor
+    token: torch.Tensor
+    weight: torch.Tensor
+    counts: torch.Tensor
+    num_tokens: int
+
+    @property
+    def offsets(self) -> list[int]:
+        return [0, *torch.cumsum(self.counts, 0).tolist()]
+
+    def active_experts(self) -> list[int]:
+        return torch.nonzero(self.counts).flatten().tolist()
+
+    def rows_of(self, expert: int) -> slice:
+        offsets = self.offsets
+        return slice(offsets[expert], offsets[expert + 1])
+
+
+def dispatch(layer: int, x: torch.Tensor, routing: Routing, num_experts: int) -> Dispatch:
+    tokens, k = routing.experts.shape
+    flat_expert = routing.experts.reshape(-1)  # [T*k]
+    order = torch.argsort(flat_expert, stable=True)
+    token = torch.arange(tokens).repeat_interleave(k)[order]
+    counts = torch.bincount(flat_expert, minlength=num_experts)
+    return Dispatch(layer, x[token], token, routing.weights.reshape(-1)[order], counts, tokens)
+
+
+def combine(y: torch.Tensor, plan: Dispatch, dtype: torch.dtype) -> torch.Tensor:
+    """y [S, H] unweighted expert outputs in dispatch order -> [T, H] weighted sum per token."""
+    out = torch.zeros(plan.num_tokens, y.shape[1], dtype=dtype)
+    weighted = (y.float() * plan.weight[:, None]).to(dtype)
+    return out.index_add_(0, plan.token, weighted)
+
+
+def run_experts(experts: nn.ModuleList | dict, plan: Dispatch, expert_ids: list[int] | None = None) -> torch.Tensor:
+    """Compute the given experts' rows in this process. Rows of other experts stay zero."""
+    y = torch.zeros_like(plan.x)
+    offsets = plan.offsets
+    for e in plan.active_experts() if expert_ids is None else expert_ids:
+        rows = slice(offsets[e], offsets[e + 1])
+        if rows.stop > rows.start:
+            y[rows] = experts[e](plan.x[rows])
+    return y
+
+
+class ExpertExecutor(Protocol):
+    """Where the experts of a MoE layer run. Returns y [S, H] in the dispatch's row order."""
+
+    def run(self, block: MoEBlock, plan: Dispatch) -> torch.Tensor: ...
+
+
+class LocalExecutor:
+    """Every expert in this process; optionally records per-layer activation counts."""
+
+    def __init__(self, record: bool = False) -> None:
+        self.counts: dict[int, torch.Tensor] = {}
+        self.record = record
+
+    def run(self, block: MoEBlock, plan: Dispatch) -> torch.Tensor:
+        if self.record:
+            self.counts[plan.layer] = self.counts.get(plan.layer, 0) + plan.counts
+        return run_experts(block.experts, plan)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, config: MoEConfig, moe_layer: int) -> None:
+        super().__init__()
+        self.moe_layer = moe_layer
+        self.num_experts = config.num_experts
+        self.gate = Router(config)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
+        )
+        self.shared_experts = (
+            MLP(config.hidden_size, config.shared_intermediate_size) if config.shared_intermediate_size else None
+        )
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+
+    def forward(self, x: torch.Tensor, executor: ExpertExecutor) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        plan = dispatch(self.moe_layer, x, self.gate(x), self.num_experts)
+        out = combine(executor.run(self, plan), plan, x.dtype)
+        return out + self.shared(x)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor | float:
+        if self.shared_experts is None:
+            return 0.0
+        y = self.shared_experts(x)
+        if self.shared_expert_gate is not None:
+            y = torch.sigmoid(self.shared_expert_gate(x)) * y
+        return y
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """HF/Mixtral-style loop: for each expert, index_add_ its weighted outputs."""
+        routing = self.gate(x)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            token, slot = torch.where(routing.experts == e)
+            if token.numel():
+                y = self.experts[e](x[token]) * routing.weights[token, slot, None].to(x.dtype)
+                out.index_add_(0, token, y)
+        return out + self.shared(x)
