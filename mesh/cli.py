@@ -1,0 +1,191 @@
+"""`moemesh`: the command line.
+
+    moemesh ask "prompt"               stream an answer from a running mesh (mesh-up prints its address)
+    moemesh generate "prompt"          run the model in this process (the monolithic baseline)
+    moemesh status                     nodes, function instances, billing and SLOs of a running mesh
+    moemesh plan --policy remoe        print the plan a policy makes for a prompt
+    moemesh bench                      measure the mesh against raw ZeroMQ and the in-process engine
+    moemesh predictor-eval             evaluate the predictors on activation traces
+    moemesh tui                        the live dashboard
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:7555"
+
+
+def _address(args) -> str:
+    return args.address or DEFAULT_ADDRESS
+
+
+def cmd_ask(args) -> int:
+    from mesh.client import MeshClient
+    from mesh.errors import MeshError
+
+    async def run() -> int:
+        async with MeshClient(_address(args), timeout_s=args.timeout) as client:
+            gen = client.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  seed=args.seed, slo_class=args.slo_class)
+            async for token in gen:
+                print(token.text, end="", flush=True)
+            print()
+            d = gen.done
+            print(f"[{d.generated_tokens} tokens, {d.finish_reason}; TTFT {d.ttft_s:.3f} s, TPOT {d.tpot_s:.3f} s, "
+                  f"SLO {'met' if d.record.get('slo', {}).get('met') else 'missed'}]", file=sys.stderr)
+            if args.record:
+                print(json.dumps(d.record, indent=1))
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except MeshError as exc:
+        print(f"moemesh ask: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_generate(args) -> int:
+    from mesh.coordinator import resolve_model_path
+    from nodes.model.checkpoint import Checkpoint
+    from nodes.model.engine import Engine, SamplingParams
+    from nodes.model.tokenizer import StreamDecoder, Tokenizer
+
+    path = resolve_model_path(args.model)
+    start = time.perf_counter()
+    print(f"loading {path} ...", end="", file=sys.stderr, flush=True)
+    model = Checkpoint(path).load_model()
+    tokenizer = Tokenizer.from_dir(path)
+    print(f" {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    engine = Engine(model)
+    decoder = StreamDecoder(tokenizer)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    print(args.prompt, end="", flush=True)
+    start = time.perf_counter()
+    n = 0
+    for _, token in engine.generate([tokenizer.encode(args.prompt)], params):
+        n += 1
+        print(decoder.push(token), end="", flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"\n[{n} tokens in {elapsed:.2f} s, {n / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from mesh.client import MeshClient
+    from mesh.errors import MeshError
+
+    async def run() -> dict:
+        async with MeshClient(_address(args)) as client:
+            return await client.status()
+
+    try:
+        status = asyncio.run(run())
+    except MeshError as exc:
+        print(f"moemesh status: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(status, indent=1, default=str))
+        return 0
+    print(f"policy {status['policy'].get('name')}   model {status['model']}")
+    for n in status["nodes"]:
+        print(f"node {n['name']:<8} {n['kind']} {'alive' if n['alive'] else 'DOWN'}  capacity {n['capacity_gb']} GB")
+    for i in status["instances"]:
+        print(f"  {i['instance_id']:<16} {i['state']:<9} {i['memory_gb']:.2f} GB  experts {i['experts']}  "
+              f"calls {i['invocations']}")
+    b = status["billing"]
+    print(f"billed {b['gb_s']:.3f} GB-s = ${b['cost']:.8f} ({b['mode']} mode)")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from allocator.model import Workload
+    from allocator.render import render_plan
+    from mesh import planning
+    from mesh.config import load_config
+    from mesh.coordinator import resolve_model_path
+    from nodes.model.config import MoEConfig
+    from nodes.model.tokenizer import Tokenizer
+
+    overrides = {"policy.name": args.policy}
+    config = load_config(args.config, overrides)
+    path = resolve_model_path(config.model.path)
+    model = MoEConfig.from_file(path)
+    tokens = len(Tokenizer.from_dir(path).encode(args.prompt))
+    workload = Workload(prompt_tokens=max(1, tokens), new_tokens=args.max_new_tokens)
+    plan = planning.make_plan(config, model, workload=workload)
+    print(render_plan(plan, planning.model_shape(model)))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from mesh.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def cmd_predictor_eval(args) -> int:
+    from predictor.evaluate import main as eval_main
+
+    return eval_main(args.rest)
+
+
+def cmd_tui(args) -> int:
+    from tui.cli import main as tui_main
+
+    return tui_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="moemesh", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ask", help="stream an answer from a running mesh")
+    p.add_argument("prompt")
+    p.add_argument("--address", help=f"the mesh's client address (default {DEFAULT_ADDRESS}; mesh-up prints it)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--slo-class", default="default", help="a class of [slo.classes] in launch.toml")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each token")
+    p.add_argument("--record", action="store_true", help="print the meter's per-request JSON record")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("generate", help="run the model in this process (no mesh)")
+    p.add_argument("prompt")
+    p.add_argument("--model", default="bundled", help="model directory (HF layout) or 'bundled'")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("status", help="nodes, instances, billing of a running mesh")
+    p.add_argument("--address")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("plan", help="print the plan a policy makes for a prompt")
+    p.add_argument("--policy", default="remoe")
+    p.add_argument("--prompt", default="Question: A farmer has 12 cows and buys 7 more. How many cows?")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--config", default="launch.toml")
+    p.set_defaults(func=cmd_plan)
+
+    for name, func, text in (("bench", cmd_bench, "benchmarks (see `moemesh bench --help`)"),
+                             ("predictor-eval", cmd_predictor_eval, "evaluate predictors on traces"),
+                             ("tui", cmd_tui, "the live dashboard")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func)
+
+    args = ap.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,434 @@
+"""The coordinator: admits requests, plans, warms functions, runs the main model, publishes metrics.
+
+    client DEALER ──► frontend ROUTER ─┐                    ┌─► engine thread (EngineLoop):
+    node DEALER   ──► control ROUTER  ─┼─ asyncio (this) ───┤   continuous batching, MoE layers
+                      metrics PUB  ◄───┘                    │   scatter-gather over ZeroMQ
+                                                            └─► (MeshExecutor, own sockets)
+
+The asyncio side owns the three sockets above and a reconcile loop that, each tick, updates
+small managers with isolated failures: node liveness (Paranoid Pirate: ping every interval,
+expire after `liveness` silent intervals), instances (spawn what the plan lacks), metrics.
+Run it with `python -m mesh.coordinator --config-json JSON`; `mesh-up` does that for you. It
+prints one line `MOEMESH_READY {json endpoints}` on stdout when it is listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import zmq
+import zmq.asyncio
+
+from allocator.plan import FunctionSpec
+from mesh import planning
+from mesh.config import MeshConfig, ModelConfig
+from mesh.engine_loop import Admit, Cancel, EngineLoop, Failed, Finished, Token
+from mesh.errors import MeshError, ProtocolError, RequestRejected
+from mesh.executor import MeshExecutor, ScatterSettings
+from mesh.functions import Registry, State
+from mesh.meter import Meter, Prices
+from mesh.protocol import (
+    CancelRequest,
+    GenerateRequest,
+    InstanceReady,
+    InstanceStopped,
+    MetricsSnapshot,
+    NodeHeartbeat,
+    NodeRegister,
+    Ping,
+    Pong,
+    RegisterAck,
+    RequestDone,
+    Shutdown,
+    SpawnFailed,
+    SpawnFunction,
+    StatusReply,
+    StatusRequest,
+    StopFunction,
+    TokenEvent,
+    decode,
+    encode,
+    error_reply_for,
+)
+from nodes.model.checkpoint import Checkpoint
+from nodes.model.engine import Engine, SamplingParams
+from nodes.model.tokenizer import Tokenizer
+
+log = logging.getLogger("moemesh.coordinator")
+
+
+@dataclass
+class Node:
+    name: str
+    kind: str
+    host: str
+    capacity_gb: float
+    cpus: float
+    last_seen: float
+    alive: bool = True
+    resources: dict = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(self, config: MeshConfig) -> None:
+        self.config = config
+        self.context = zmq.asyncio.Context()
+        self.model_path = resolve_model_path(config.model.path)
+        self.checkpoint = Checkpoint(self.model_path, dtype=getattr(torch, config.model.dtype))
+        self.model = self.checkpoint.load_model()
+        self.tokenizer = Tokenizer.from_dir(self.model_path) if (self.model_path / "tokenizer.json").exists() else None
+        slo = {name: (c.ttft_s, c.tpot_s) for name, c in config.slo.classes.items()}
+        billing = config.billing
+        self.meter = Meter(
+            Prices(billing.mode, billing.price_cpu_gb_s, billing.price_gpu_gb_s,
+                   billing.price_per_million_requests, billing.bill_init, billing.round_ms),
+            slo, straggler_k=config.policy.straggler_k,
+        )
+        self.registry = Registry()
+        self.plan = planning.make_plan(config, self.model.config)
+        self.registry.set_plan(self.plan)
+        self.meter.set_main(self.plan.main.memory_gb, self.plan.main.device,
+                            planning.all_local_main_gb(config, self.model.config))
+        self.meter.policy = planning.describe(self.plan)
+        settings = ScatterSettings(
+            call_timeout_s=config.policy.call_timeout_s, retries=config.policy.retries,
+            micro_batch_tokens=config.policy.micro_batch_tokens, payload_cap_bytes=config.policy.payload_cap_bytes,
+            cold_start_wait_s=config.functions.cold_start_wait_s,
+        )
+        self.executor = MeshExecutor(self.registry, self.meter, settings, zmq.Context())
+        self.executor.num_moe_layers = self.model.config.num_moe_layers
+        self.engine = Engine(self.model, self.executor, max_batch=config.coordinator.max_batch)
+        self.nodes: dict[str, Node] = {}
+        self.clients: dict[str, bytes] = {}  # request id -> client identity
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.loop_thread: EngineLoop | None = None
+        self.stopping = asyncio.Event()
+        self.records: dict[str, dict] = {}
+        self.spawn_failures: dict[tuple[str, int], tuple[int, float]] = {}  # (fn, replica) -> (count, last)
+
+    # -- sockets -----------------------------------------------------------------------------
+
+    def _bind(self, kind: int, port: int) -> tuple[zmq.asyncio.Socket, str]:
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if kind == zmq.PUB:
+            sock.setsockopt(zmq.SNDHWM, 8)  # a slow dashboard drops snapshots, never slows us
+        sock.bind(f"tcp://{self.config.coordinator.host}:{port}")
+        return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    async def serve(self, ready_file: Path | None = None) -> None:
+        c = self.config.coordinator
+        self.frontend, client_ep = self._bind(zmq.ROUTER, c.client_port)
+        self.control, control_ep = self._bind(zmq.ROUTER, c.control_port)
+        self.metrics, metrics_ep = self._bind(zmq.PUB, c.metrics_port)
+        self.endpoints = {"client": client_ep, "control": control_ep, "metrics": metrics_ep}
+        loop = asyncio.get_running_loop()
+        self.loop_thread = EngineLoop(self.engine, self.executor, self.tokenizer, self.meter,
+                                      lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event))
+        self.loop_thread.start()
+        line = json.dumps(self.endpoints)
+        print(f"MOEMESH_READY {line}", flush=True)
+        if ready_file:
+            ready_file.write_text(line)
+        log.info("coordinator up: %s (policy %s, %d remote functions)", line, self.plan.policy,
+                 len(self.plan.functions))
+        tasks = [asyncio.create_task(t) for t in (self._frontend(), self._control(), self._events(), self._tick())]
+        await self.stopping.wait()
+        await self._shutdown()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _shutdown(self) -> None:
+        for name in list(self.nodes):
+            await self._to_node(name, Shutdown(reason="coordinator shutting down"))
+        if self.loop_thread:
+            self.loop_thread.stop()
+            await asyncio.to_thread(self.loop_thread.join, 5)
+        for sock in (self.frontend, self.control, self.metrics):
+            sock.close(linger=0)
+        self.executor.close()
+
+    # -- client edge ---------------------------------------------------------------------------
+
+    async def _reply(self, identity: bytes, msg) -> None:
+        await self.frontend.send_multipart([identity, *encode(msg)], copy=False)
+
+    async def _frontend(self) -> None:
+        while True:
+            identity, *frames = await self.frontend.recv_multipart(copy=False)
+            identity = identity.bytes
+            try:
+                msg = decode(frames)
+                await self._client_message(identity, msg)
+            except MeshError as exc:  # ProtocolError, RequestRejected: the caller gets it typed
+                log.warning("client %r: %s", identity, exc)
+                await self._reply(identity, error_reply_for(exc, getattr(locals().get("msg"), "request_id", None)))
+            except Exception as exc:  # never let one bad message take the coordinator down
+                log.exception("client message failed")
+                await self._reply(identity, error_reply_for(exc))
+
+    async def _client_message(self, identity: bytes, msg) -> None:
+        if isinstance(msg, Ping):
+            await self._reply(identity, Pong(seq=msg.seq))
+        elif isinstance(msg, StatusRequest):
+            await self._reply(identity, StatusReply(status=self.status()))
+        elif isinstance(msg, GenerateRequest):
+            self._admit(identity, msg)
+        elif isinstance(msg, CancelRequest):
+            if msg.request_id in self.clients:
+                self.loop_thread.inbox.put(Cancel(msg.request_id))
+        else:
+            raise RequestRejected(f"{type(msg).__name__} is not a client message",
+                                  code="bad_request", hint="send GenerateRequest, CancelRequest, StatusRequest or Ping")
+
+    def _admit(self, identity: bytes, req: GenerateRequest) -> None:
+        slo_class = self.config.slo.default_class if req.slo_class == "default" else req.slo_class
+        if slo_class not in self.config.slo.classes:
+            raise RequestRejected(f"unknown SLO class {req.slo_class!r}", code="unknown_slo_class",
+                                  hint=f"use one of {sorted(self.config.slo.classes)} ([slo.classes] in launch.toml)")
+        if req.request_id in self.clients:
+            raise RequestRejected(f"request id {req.request_id!r} is already running", code="bad_request",
+                                  hint="use a fresh request_id")
+        if req.prompt_ids is not None:
+            ids = list(req.prompt_ids)
+        elif self.tokenizer is None:
+            raise RequestRejected("this model has no tokenizer.json: send prompt_ids", code="bad_request")
+        else:
+            ids = self.tokenizer.encode(req.prompt)
+        vocab = self.model.config.vocab_size
+        if not ids or max(ids) >= vocab:
+            raise RequestRejected(f"prompt must have 1+ tokens with ids < {vocab}", code="bad_request")
+        if req.max_new_tokens < 1:
+            raise RequestRejected("max_new_tokens must be >= 1", code="bad_request")
+        params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                                seed=req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"),
+                                stop_at_eos=req.stop_at_eos)
+        self.clients[req.request_id] = identity
+        self.meter.request_admitted(req.request_id, slo_class, len(ids))
+        self._warm()  # cold starts overlap the prompt's first layers
+        self.loop_thread.inbox.put(Admit(req.request_id, ids, params))
+
+    async def _events(self) -> None:
+        while True:
+            event = await self.events.get()
+            identity = self.clients.get(event.request_id)
+            if identity is None:
+                continue
+            if isinstance(event, Token):
+                self.meter.token(event.request_id)
+                await self._reply(identity, TokenEvent(request_id=event.request_id, index=event.index,
+                                                       token_id=event.token_id, text=event.text))
+            elif isinstance(event, Finished):
+                del self.clients[event.request_id]
+                record = self.meter.request_done(event.request_id, event.finish_reason)
+                self._keep_record(record)
+                await self._reply(identity, RequestDone(
+                    request_id=event.request_id, finish_reason=event.finish_reason,
+                    prompt_tokens=event.prompt_tokens, generated_tokens=event.generated_tokens,
+                    ttft_s=record.get("ttft_s") or 0.0, tpot_s=record.get("tpot_s") or 0.0, record=record))
+            elif isinstance(event, Failed):
+                del self.clients[event.request_id]
+                self._keep_record(self.meter.request_done(event.request_id, "error"))
+                await self._reply(identity, error_reply_for(event.error, event.request_id))
+
+    def _keep_record(self, record: dict) -> None:
+        if not record:
+            return
+        self.records[record["request_id"]] = record
+        if len(self.records) > 10_000:
+            self.records.pop(next(iter(self.records)))
+        record_dir = self.config.meter.record_dir
+        if record_dir:
+            path = Path(record_dir)
+            path.mkdir(parents=True, exist_ok=True)
+            (path / f"{record['request_id']}.json").write_text(json.dumps(record, indent=1))
+
+    # -- control plane -------------------------------------------------------------------------
+
+    async def _to_node(self, name: str, msg) -> None:
+        await self.control.send_multipart([name.encode(), *encode(msg)], copy=False)
+
+    async def _control(self) -> None:
+        while True:
+            identity, *frames = await self.control.recv_multipart(copy=False)
+            name = identity.bytes.decode(errors="replace")
+            try:
+                await self._node_message(name, decode(frames))
+            except ProtocolError as exc:
+                log.warning("dropped a malformed control message from %r: %s", name, exc)
+            except Exception:
+                log.exception("control message from %r failed", name)
+
+    async def _node_message(self, name: str, msg) -> None:
+        now = time.time()
+        node = self.nodes.get(name)
+        if node is not None:
+            node.last_seen, node.alive = now, True
+        if isinstance(msg, NodeRegister):
+            self.nodes[name] = Node(name, msg.kind, msg.host, msg.capacity_gb, msg.cpus, now)
+            await self._to_node(name, RegisterAck(node_id=name, heartbeat_interval_s=self.config.coordinator.heartbeat_s,
+                                                  liveness=self.config.coordinator.liveness))
+            log.info("node %s registered (%s, %.1f GB)", name, msg.kind, msg.capacity_gb)
+        elif node is None:
+            log.warning("message %s from unregistered node %r: dropped", type(msg).__name__, name)
+        elif isinstance(msg, NodeHeartbeat):
+            node.resources = dict(msg.resources)
+        elif isinstance(msg, InstanceReady):
+            inst = self.registry.transition(msg.instance_id, State.WARM, endpoint=msg.endpoint, pid=msg.pid)
+            if inst is None:
+                return
+            self.spawn_failures.pop((inst.function_id, inst.replica), None)
+            self.meter.instance_ready(msg.instance_id, msg.started_at, dict(msg.stages), msg.cgroup, msg.cgroup_skipped)
+            log.info("%s warm on %s in %.3f s %s", msg.instance_id, name, sum(msg.stages.values()),
+                     {k: round(v, 4) for k, v in msg.stages.items()})
+        elif isinstance(msg, SpawnFailed):
+            inst = self.registry.transition(msg.instance_id, State.FAILED)
+            if inst is not None:
+                key = (inst.function_id, inst.replica)
+                self.spawn_failures[key] = (self.spawn_failures.get(key, (0, 0.0))[0] + 1, now)
+            self.meter.instance_stopped(msg.instance_id, now, "failed")
+            log.error("spawn of %s on %s failed: %s", msg.instance_id, name, msg.error)
+        elif isinstance(msg, InstanceStopped):
+            state = State.FAILED if msg.reason in ("died", "failed") else State.STOPPED
+            self.registry.transition(msg.instance_id, state)
+            self.meter.instance_stopped(msg.instance_id, msg.stopped_at, msg.reason, msg.started_at)
+            log.log(logging.WARNING if state is State.FAILED else logging.INFO, "%s stopped on %s: %s (exit %s)",
+                    msg.instance_id, name, msg.reason, msg.exit_code)
+        elif isinstance(msg, Pong | Ping):
+            pass
+
+    # -- reconcile loop ------------------------------------------------------------------------
+
+    def _warm(self) -> None:
+        """Ask daemons for every planned function replica that has no live instance."""
+        now = time.time()
+        for spec, replica in self.registry.missing_replicas():
+            failures, last = self.spawn_failures.get((spec.id, replica), (0, 0.0))
+            if failures and now - last < min(30.0, 0.5 * 2 ** (failures - 1)):
+                continue  # capped exponential backoff after failed spawns: no spawn storms
+            node = self._place(spec, replica)
+            if node is None:
+                log.warning("no live node can host %s (%.2f GB): it runs locally until one registers "
+                            "([[nodes]] capacity_gb in launch.toml)", spec.id, spec.memory_gb)
+                continue
+            self._spawn(spec, replica, node)
+
+    def _place(self, spec: FunctionSpec, replica: int) -> str | None:
+        wanted = spec.nodes[replica] if spec.nodes else None
+        alive = [n for n in self.nodes.values() if n.alive]
+        if wanted and any(n.name == wanted for n in alive):
+            return wanted
+        fits = [n for n in alive if self.registry.load_on(n.name) + spec.memory_gb <= n.capacity_gb]
+        if not fits:
+            return None
+        return min(fits, key=lambda n: self.registry.load_on(n.name) / n.capacity_gb).name
+
+    def _spawn(self, spec: FunctionSpec, replica: int, node: str) -> None:
+        f = self.config.functions
+        inst = self.registry.new_instance(spec, replica, node)
+        self.meter.instance_requested(inst.instance_id, spec.id, node, spec.memory_gb, list(spec.experts),
+                                      replica, f.spawn, f.keep_alive_s)
+        msg = SpawnFunction(instance_id=inst.instance_id, function_id=spec.id,
+                            experts=[tuple(e) for e in spec.experts], memory_gb=spec.memory_gb,
+                            cpu_share=spec.memory_gb / f.gb_per_vcpu, keep_alive_s=f.keep_alive_s,
+                            spawn=f.spawn, model_path=str(self.model_path), start_delay_s=f.start_delay_s)
+        asyncio.get_running_loop().create_task(self._to_node(node, msg))
+
+    async def stop_instance(self, instance_id: str, reason: str = "requested") -> None:
+        inst = self.registry.instances.get(instance_id)
+        if inst is not None:
+            await self._to_node(inst.node, StopFunction(instance_id=instance_id, reason=reason))
+
+    async def _tick(self) -> None:
+        c = self.config.coordinator
+        last_ping = last_metrics = 0.0
+        seq = 0
+        while True:
+            now = time.time()
+            try:
+                if now - last_ping >= c.heartbeat_s:
+                    last_ping = now
+                    for node in list(self.nodes.values()):
+                        if node.alive and now - node.last_seen > c.heartbeat_s * c.liveness:
+                            node.alive = False
+                            lost = self.registry.fail_node(node.name)
+                            for inst in lost:
+                                self.meter.instance_stopped(inst.instance_id, now, "died")
+                            log.error("node %s silent for %.1f s: marked dead, %d instances lost",
+                                      node.name, now - node.last_seen, len(lost))
+                        if node.alive:
+                            await self._to_node(node.name, Ping(seq=seq))
+                if self.clients:
+                    self._warm()  # replace instances that died mid-request
+                if now - last_metrics >= c.metrics_interval_s:
+                    last_metrics = now
+                    seq += 1
+                    self.meter.nodes = self._nodes_view(now)
+                    snapshot = MetricsSnapshot(seq=seq, time=now, payload={**self.meter.snapshot(), "seq": seq})
+                    try:
+                        await self.metrics.send_multipart(encode(snapshot), flags=zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        pass  # no subscriber keeps up: drop, never block the mesh
+            except Exception:
+                log.exception("reconcile tick failed (the next tick retries)")
+            await asyncio.sleep(min(c.heartbeat_s, c.metrics_interval_s) / 2)
+
+    def _nodes_view(self, now: float) -> list[dict]:
+        out = []
+        for n in self.nodes.values():
+            r = n.resources
+            out.append({"name": n.name, "kind": n.kind, "host": n.host, "alive": n.alive,
+                        "last_heartbeat_s_ago": now - n.last_seen, "capacity_gb": n.capacity_gb,
+                        "cpu_percent": r.get("cpu_percent"), "mem_used_gb": r.get("mem_used_gb"),
+                        "mem_total_gb": r.get("mem_total_gb"), "gpus": r.get("gpus", [])})
+        return out
+
+    def status(self) -> dict:
+        snap = self.meter.snapshot()
+        return {"endpoints": self.endpoints, "model": str(self.model_path), "policy": snap["policy"],
+                "nodes": self._nodes_view(time.time()), "instances": snap["instances"],
+                "billing": snap["billing"], "slo": snap["slo"], "engine": dict(self.executor.stats),
+                "records": list(self.records.values())[-100:]}
+
+
+def resolve_model_path(path: str) -> Path:
+    return ModelConfig(path=path or "bundled").resolved_path()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run the moemesh coordinator (normally started by mesh-up).")
+    ap.add_argument("--config-json", required=True, help="MeshConfig as JSON (MeshConfig.to_dict())")
+    ap.add_argument("--ready-file", type=Path, help="also write the endpoints JSON here when listening")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = MeshConfig.from_dict(json.loads(args.config_json))
+    torch.set_num_threads(max(1, config.coordinator.threads))
+    coordinator = Coordinator(config)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, coordinator.stopping.set)
+        await coordinator.serve(args.ready_file)
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""The function registry: which expert functions exist, their instances and their lifecycle.
+
+Shared by the coordinator's two threads: the asyncio control plane writes (spawn requested,
+ready, stopped) and the engine thread reads (which warm instance serves this expert?) and
+waits for cold starts. Every access holds one condition variable's lock.
+
+Instance lifecycle (a str Enum and its allowed transitions, Ray Serve style):
+
+    STARTING ──ready──► WARM ──stop/idle──► STOPPED
+        │                 │
+        └──spawn failed───┴──died / node lost──► FAILED
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+from allocator.plan import Expert, FunctionSpec, Plan
+
+
+class State(enum.StrEnum):
+    STARTING = "starting"
+    WARM = "warm"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+ALLOWED = {
+    State.STARTING: {State.WARM, State.STOPPED, State.FAILED},
+    State.WARM: {State.STOPPED, State.FAILED},
+    State.STOPPED: set(),
+    State.FAILED: set(),
+}
+
+
+@dataclass
+class Instance:
+    instance_id: str
+    function_id: str
+    node: str
+    replica: int
+    memory_gb: float
+    state: State = State.STARTING
+    endpoint: str = ""
+    pid: int = 0
+    requested_at: float = field(default_factory=time.time)
+    suspect: int = 0  # consecutive failed calls
+
+    @property
+    def live(self) -> bool:
+        return self.state in (State.STARTING, State.WARM)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.plan: Plan | None = None
+        self.owner: dict[Expert, str] = {}  # expert -> function id (absent: local)
+        self.functions: dict[str, FunctionSpec] = {}
+        self.instances: dict[str, Instance] = {}
+        self._ids = itertools.count()
+        self.generation = 0  # bumped on every change the engine thread must notice
+
+    # -- plan ------------------------------------------------------------------------------
+
+    def set_plan(self, plan: Plan) -> None:
+        with self.cond:
+            self.plan = plan
+            self.functions = {f.id: f for f in plan.functions}
+            self.owner = {e: f.id for f in plan.functions for e in f.experts}
+            self._changed()
+
+    def owner_of(self, expert: Expert) -> str | None:
+        return self.owner.get(expert)
+
+    # -- lifecycle (control plane) ---------------------------------------------------------------
+
+    def missing_replicas(self) -> list[tuple[FunctionSpec, int]]:
+        """(function, replica index) pairs of the plan with no live instance."""
+        with self.cond:
+            out = []
+            for spec in self.functions.values():
+                live = {i.replica for i in self.instances.values() if i.function_id == spec.id and i.live}
+                out += [(spec, r) for r in range(spec.replicas) if r not in live]
+            return out
+
+    def new_instance(self, spec: FunctionSpec, replica: int, node: str) -> Instance:
+        with self.cond:
+            inst = Instance(f"{spec.id}.{replica}.{next(self._ids)}", spec.id, node, replica, spec.memory_gb)
+            self.instances[inst.instance_id] = inst
+            self._changed()
+            return inst
+
+    def transition(self, instance_id: str, state: State, **fields) -> Instance | None:
+        """Move an instance to `state`; returns None (and changes nothing) if not allowed."""
+        with self.cond:
+            inst = self.instances.get(instance_id)
+            if inst is None or state not in ALLOWED[inst.state]:
+                return None
+            inst.state = state
+            for key, value in fields.items():
+                setattr(inst, key, value)
+            self._changed()
+            return inst
+
+    def fail_node(self, node: str) -> list[Instance]:
+        with self.cond:
+            lost = [i for i in self.instances.values() if i.node == node and i.live]
+            for inst in lost:
+                inst.state = State.FAILED
+            self._changed()
+            return lost
+
+    def load_on(self, node: str) -> float:
+        with self.cond:
+            return sum(i.memory_gb for i in self.instances.values() if i.node == node and i.live)
+
+    def _changed(self) -> None:
+        self.generation += 1
+        self.cond.notify_all()
+
+    # -- data plane (engine thread) --------------------------------------------------------------
+
+    def serving(self, function_id: str) -> tuple[list[Instance], bool]:
+        """(warm instances of the function, whether another is still starting)."""
+        with self.cond:
+            mine = [i for i in self.instances.values() if i.function_id == function_id]
+            warm = sorted((i for i in mine if i.state is State.WARM), key=lambda i: (i.suspect, i.replica))
+            return warm, any(i.state is State.STARTING for i in mine)
+
+    def wait_warm(self, function_id: str, timeout: float) -> list[Instance]:
+        """Block until the function has a warm instance, none is starting, or timeout."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                warm, starting = self.serving(function_id)
+                left = deadline - time.monotonic()
+                if warm or not starting or left <= 0:
+                    return warm
+                self.cond.wait(left)
+
+    def state_of(self, instance_id: str) -> State | None:
+        inst = self.instances.get(instance_id)
+        return inst.state if inst else None

@@ -1,0 +1,82 @@
+"""The mesh's main job: serve a mixed prompt set on the bundled model and report the bill.
+
+Prompts come from ../shared/data/prompts (GSM8K test problems and MT-bench questions); where
+that folder is absent a few built-in prompts stand in. The first prompt streams to stdout; the
+rest run concurrently beside it (continuous batching). Then the meter's summary: GB-s and money
+against the all-local baseline, TTFT/TPOT and SLO attainment, cold starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from mesh.client import MeshClient
+from nodes.corpus import shared_data_dir
+
+FALLBACK = [
+    "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:",
+    "def fibonacci(n):",
+    "The purpose of a license is",
+]
+
+
+def job_prompts(n: int) -> list[str]:
+    root = shared_data_dir()
+    prompts: list[str] = []
+    try:
+        gsm = [json.loads(x) for x in (root / "gsm8k_test.jsonl").read_text().splitlines()[:n]]
+        mt = [json.loads(x) for x in (root / "mt_bench.jsonl").read_text().splitlines()]
+    except FileNotFoundError:
+        return (FALLBACK * n)[:n]
+    coding = [q["turns"][0] for q in mt if q["category"] == "coding"]
+    writing = [q["turns"][0] for q in mt if q["category"] in ("writing", "humanities")]
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            prompts.append(f"Question: {gsm[i // 3]['question']}\nAnswer:")
+        elif kind == 1:
+            prompts.append(coding[i // 3 % len(coding)])
+        else:
+            prompts.append(writing[i // 3 % len(writing)])
+    return prompts
+
+
+async def run_main_job(address: str, n_prompts: int = 6, max_new_tokens: int = 24) -> int:
+    prompts = job_prompts(n_prompts)
+    async with MeshClient(address, timeout_s=120) as client:
+        async def one(i: int, prompt: str):
+            gen = client.generate(prompt, max_new_tokens=max_new_tokens, slo_class="default")
+            pieces = []
+            async for token in gen:
+                pieces.append(token.text)
+                if i == 0:
+                    print(token.text, end="", flush=True)
+            return prompt, "".join(pieces), gen.done
+
+        print(f"--- prompt 1 of {len(prompts)} (streaming) ---\n{prompts[0][:200]}", flush=True)
+        results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        print("\n")
+        for prompt, text, done in results[1:]:
+            print(f"--- {prompt[:70]!r}\n    -> {text[:120]!r}  (ttft {done.ttft_s:.3f} s, tpot {done.tpot_s:.3f} s)")
+        status = await client.status()
+    billing, slo = status["billing"], status["slo"]
+    print("\n=== meter ===")
+    print(f"policy        {status['policy'].get('name')}: {len(status['instances'])} function instance(s) started")
+    base = billing.get("baseline_all_local_gb_s")
+    line = f"billed        {billing['gb_s']:.3f} GB-s (${billing['cost']:.8f}, {billing['mode']} mode)"
+    if base:
+        line += f"; all-local baseline {base:.3f} GB-s"
+    print(line)
+    for name, c in slo["classes"].items():
+        if c["requests"]:
+            print(f"SLO {name:<10} {c['attained']}/{c['requests']} met; TTFT p50 {c['ttft']['p50']:.3f} s "
+                  f"(target {c['ttft_target_s']} s), TPOT p50 {c['tpot']['p50']:.3f} s (target {c['tpot_target_s']} s)")
+    colds = [i for i in status["instances"] if i.get("started_at")]
+    print(f"cold starts   {len(colds)}; engine {status['engine']}")
+    return 0 if all(r[2] is not None for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(run_main_job(sys.argv[1])))

@@ -1,0 +1,384 @@
+"""The meter: bills every function in GB-s, records cold starts, TTFT/TPOT and SLO attainment,
+flags stragglers, and builds the snapshot the coordinator publishes (tui/ shows only this).
+
+Billing modes (DESIGN.md, "Billing, SLOs, stragglers"):
+- *instance*   (Knative / Kubernetes style): memory_gb x (stop - start) of every instance,
+               keep-alive included; the main function likewise from its start.
+- *invocation* (Lambda style): memory_gb x sum of each call's duration rounded up to `round_ms`,
+               plus the cold start's INIT time when `bill_init`; the main function x its busy
+               (forward-pass) time; plus a price per request.
+The all-local baseline is what the serverful deployment (every expert in the main function)
+would be billed for the same traffic, in the same mode.
+
+Thread-safety: the engine thread reports calls and rounds, the asyncio thread reports
+instance lifecycle and requests; every public method takes the lock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Prices:
+    mode: str = "instance"  # "instance" | "invocation"
+    cpu_gb_s: float = 0.0000166667  # AWS Lambda x86 list price, $ per GB-s
+    gpu_gb_s: float = 0.00005  # 3 x CPU (Remoe: c_g / c_c >= 3)
+    per_million_requests: float = 0.20
+    bill_init: bool = True  # AWS bills INIT since Aug 2025
+    round_ms: float = 1.0
+
+
+@dataclass
+class InstanceRecord:
+    instance_id: str
+    function_id: str
+    node: str
+    memory_gb: float
+    experts: list
+    replica: int
+    path: str
+    keep_alive_s: float
+    requested_at: float
+    device: str = "cpu"
+    started_at: float | None = None
+    ready_at: float | None = None
+    stopped_at: float | None = None
+    stop_reason: str = ""
+    state: str = "starting"
+    stages: dict = field(default_factory=dict)
+    critical_path: bool = False
+    invocations: int = 0
+    billed_call_s: float = 0.0
+    busy_s: float = 0.0
+    last_used: float | None = None
+    cgroup: dict | None = None
+    cgroup_skipped: str = ""
+
+    def lifetime(self, now: float) -> float:
+        if self.started_at is None:
+            return 0.0
+        return max(0.0, (self.stopped_at or now) - self.started_at)
+
+    def init_s(self) -> float:
+        return sum(self.stages.values())
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    slo_class: str
+    prompt_tokens: int
+    admitted_at: float
+    first_token_at: float | None = None
+    done_at: float | None = None
+    generated_tokens: int = 0
+    finish_reason: str = ""
+    remote_calls: int = 0
+    fallbacks: int = 0
+    cold_starts_on_path: list = field(default_factory=list)
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.admitted_at
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.done_at is None or self.first_token_at is None:
+            return None
+        return (self.done_at - self.first_token_at) / max(1, self.generated_tokens - 1)
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99]).tolist()
+    return {"p50": p50, "p95": p95, "p99": p99}
+
+
+class Meter:
+    def __init__(
+        self,
+        prices: Prices,
+        slo_classes: dict[str, tuple[float, float]],
+        straggler_k: float = 3.0,
+        window_s: float = 300.0,
+        clock=time.time,
+    ) -> None:
+        self.prices = prices
+        self.slo_classes = dict(slo_classes)
+        self.straggler_k = straggler_k
+        self.window_s = window_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.started = clock()
+        self.instances: dict[str, InstanceRecord] = {}
+        self.requests: dict[str, RequestRecord] = {}
+        self.finished: deque[RequestRecord] = deque(maxlen=10_000)
+        self.stragglers: deque[dict] = deque(maxlen=200)
+        self.cold_starts: deque[dict] = deque(maxlen=200)
+        self.deaths: deque[dict] = deque(maxlen=200)
+        self.imbalance: dict[int, float] = {}
+        self.load: np.ndarray | None = None  # [layers, experts] token-slot counts so far
+        self.main_memory_gb = 0.0
+        self.main_device = "cpu"
+        self.main_started_at = self.started
+        self.main_busy_s = 0.0
+        self.baseline_main_memory_gb: float | None = None
+        self.policy: dict = {}
+        self.nodes: list[dict] = []
+        self.rounds = 0
+
+    # -- main function ---------------------------------------------------------------------
+
+    def set_main(self, memory_gb: float, device: str = "cpu", baseline_memory_gb: float | None = None) -> None:
+        with self._lock:
+            self.main_memory_gb, self.main_device = memory_gb, device
+            self.baseline_main_memory_gb = baseline_memory_gb
+
+    def main_busy(self, seconds: float) -> None:
+        with self._lock:
+            self.main_busy_s += seconds
+
+    # -- instances ---------------------------------------------------------------------------
+
+    def instance_requested(self, instance_id: str, function_id: str, node: str, memory_gb: float,
+                           experts: list, replica: int, path: str, keep_alive_s: float) -> None:
+        with self._lock:
+            self.instances[instance_id] = InstanceRecord(
+                instance_id, function_id, node, memory_gb, [list(e) for e in experts], replica, path,
+                keep_alive_s, requested_at=self.clock(),
+            )
+
+    def instance_ready(self, instance_id: str, started_at: float, stages: dict, cgroup: dict | None = None,
+                       cgroup_skipped: str = "") -> None:
+        with self._lock:
+            rec = self.instances.get(instance_id)
+            if rec is None:
+                return
+            rec.started_at, rec.ready_at, rec.state = started_at, self.clock(), "warm"
+            rec.stages, rec.cgroup, rec.cgroup_skipped = dict(stages), cgroup, cgroup_skipped
+            rec.last_used = rec.ready_at
+            self.cold_starts.append({
+                "time": rec.ready_at, "instance_id": instance_id, "function_id": rec.function_id,
+                "node": rec.node, "path": rec.path, "stages": dict(stages), "total_s": rec.init_s(),
+                "critical_path": False,
+            })
+
+    def cold_start_on_path(self, instance_id: str, request_ids: list[str]) -> None:
+        """A call waited for this instance's cold start: mark it on those requests' critical path."""
+        with self._lock:
+            rec = self.instances.get(instance_id)
+            if rec is None or rec.critical_path:
+                return
+            rec.critical_path = True
+            for cs in self.cold_starts:
+                if cs["instance_id"] == instance_id:
+                    cs["critical_path"] = True
+            for rid in request_ids:
+                if rid in self.requests:
+                    self.requests[rid].cold_starts_on_path.append(instance_id)
+
+    def instance_stopped(self, instance_id: str, stopped_at: float, reason: str, started_at: float | None = None) -> None:
+        with self._lock:
+            rec = self.instances.get(instance_id)
+            if rec is None or rec.stopped_at is not None:
+                return
+            if rec.started_at is None and started_at:
+                rec.started_at = started_at
+            rec.stopped_at, rec.stop_reason = stopped_at, reason
+            rec.state = "failed" if reason in ("died", "failed") else "stopped"
+            if reason in ("died", "failed"):
+                self.deaths.append({"time": stopped_at, "instance_id": instance_id,
+                                    "function_id": rec.function_id, "node": rec.node, "reason": reason})
+
+    def set_state(self, instance_id: str, state: str) -> None:
+        with self._lock:
+            rec = self.instances.get(instance_id)
+            if rec is not None and rec.stopped_at is None:
+                rec.state = state
+
+    # -- the data path -----------------------------------------------------------------------
+
+    def invocation(self, instance_id: str, seconds: float, compute_s: float = 0.0) -> None:
+        with self._lock:
+            rec = self.instances.get(instance_id)
+            if rec is None:
+                return
+            rec.invocations += 1
+            rec.billed_call_s += math.ceil(seconds * 1000.0 / self.prices.round_ms) * self.prices.round_ms / 1000.0
+            rec.busy_s += compute_s
+            rec.last_used = self.clock()
+
+    def scatter_round(self, layer: int, replies: list[tuple[str, str, float]]) -> list[dict]:
+        """replies: (instance_id, function_id, latency_s) of one scatter-gather round.
+        Flags replies later than straggler_k x the round's median; returns the flagged ones."""
+        with self._lock:
+            self.rounds += 1
+            if len(replies) < 2:
+                return []
+            median = float(np.median([r[2] for r in replies]))
+            flagged = []
+            for instance_id, function_id, latency in replies:
+                if median > 0 and latency > self.straggler_k * median:
+                    item = {"time": self.clock(), "instance_id": instance_id, "function_id": function_id,
+                            "layer": layer, "latency_s": latency, "median_s": median, "ratio": latency / median}
+                    self.stragglers.append(item)
+                    flagged.append(item)
+            return flagged
+
+    def layer_load(self, layer: int, counts: np.ndarray, layers: int) -> None:
+        """counts [experts] token-slots routed to each expert in one MoE layer pass."""
+        with self._lock:
+            if self.load is None or self.load.shape != (layers, len(counts)):
+                self.load = np.zeros((layers, len(counts)), dtype=np.int64)
+            self.load[layer] += counts
+            mean = float(counts.mean())
+            if mean > 0:
+                self.imbalance[layer] = float(counts.max()) / mean
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def request_admitted(self, request_id: str, slo_class: str, prompt_tokens: int) -> None:
+        with self._lock:
+            self.requests[request_id] = RequestRecord(request_id, slo_class, prompt_tokens, self.clock())
+
+    def token(self, request_id: str) -> None:
+        with self._lock:
+            rec = self.requests.get(request_id)
+            if rec is not None:
+                if rec.first_token_at is None:
+                    rec.first_token_at = self.clock()
+                rec.generated_tokens += 1
+
+    def request_calls(self, request_ids: list[str], calls: int, fallbacks: int) -> None:
+        with self._lock:
+            for rid in request_ids:
+                rec = self.requests.get(rid)
+                if rec is not None:
+                    rec.remote_calls += calls
+                    rec.fallbacks += fallbacks
+
+    def request_done(self, request_id: str, finish_reason: str) -> dict:
+        with self._lock:
+            rec = self.requests.pop(request_id, None)
+            if rec is None:
+                return {}
+            rec.done_at, rec.finish_reason = self.clock(), finish_reason
+            self.finished.append(rec)
+            return self._record(rec)
+
+    def _slo_met(self, rec: RequestRecord) -> bool:
+        ttft_target, tpot_target = self.slo_classes.get(rec.slo_class, (math.inf, math.inf))
+        return (rec.ttft_s or 0.0) <= ttft_target and (rec.tpot_s or 0.0) <= tpot_target
+
+    def _record(self, rec: RequestRecord) -> dict:
+        ttft_target, tpot_target = self.slo_classes.get(rec.slo_class, (None, None))
+        return {
+            "request_id": rec.request_id, "slo_class": rec.slo_class, "prompt_tokens": rec.prompt_tokens,
+            "generated_tokens": rec.generated_tokens, "finish_reason": rec.finish_reason,
+            "admitted_at": rec.admitted_at, "first_token_at": rec.first_token_at, "done_at": rec.done_at,
+            "ttft_s": rec.ttft_s, "tpot_s": rec.tpot_s,
+            "slo": {"ttft_target_s": ttft_target, "tpot_target_s": tpot_target, "met": self._slo_met(rec)},
+            "remote_calls": rec.remote_calls, "fallbacks": rec.fallbacks,
+            "cold_starts_on_path": list(rec.cold_starts_on_path), "policy": self.policy.get("name"),
+        }
+
+    # -- billing and the snapshot --------------------------------------------------------------
+
+    def _instance_gb_s(self, rec: InstanceRecord, now: float) -> float:
+        if self.prices.mode == "instance":
+            return rec.memory_gb * rec.lifetime(now)
+        init = rec.init_s() if (self.prices.bill_init and rec.started_at is not None) else 0.0
+        return rec.memory_gb * (rec.billed_call_s + init)
+
+    def _main_seconds(self, now: float) -> float:
+        return (now - self.main_started_at) if self.prices.mode == "instance" else self.main_busy_s
+
+    def billing(self) -> dict:
+        with self._lock:
+            return self._billing(self.clock())
+
+    def _billing(self, now: float) -> dict:
+        by_function: dict[str, dict] = {}
+        experts_gb_s = 0.0
+        invocations = 0
+        for rec in self.instances.values():
+            gb_s = self._instance_gb_s(rec, now)
+            experts_gb_s += gb_s
+            invocations += rec.invocations
+            entry = by_function.setdefault(rec.function_id, {"gb_s": 0.0, "cost": 0.0, "invocations": 0})
+            entry["gb_s"] += gb_s
+            entry["cost"] += gb_s * (self.prices.gpu_gb_s if rec.device == "gpu" else self.prices.cpu_gb_s)
+            entry["invocations"] += rec.invocations
+        main_rate = self.prices.gpu_gb_s if self.main_device.startswith("cuda") else self.prices.cpu_gb_s
+        main_gb_s = self.main_memory_gb * self._main_seconds(now)
+        requests = len(self.finished) + len(self.requests)
+        per_request = self.prices.per_million_requests / 1e6
+        cost = main_gb_s * main_rate + sum(f["cost"] for f in by_function.values())
+        if self.prices.mode == "invocation":
+            cost += (invocations + requests) * per_request
+        baseline_gb_s = baseline_cost = None
+        if self.baseline_main_memory_gb is not None:
+            baseline_gb_s = self.baseline_main_memory_gb * self._main_seconds(now)
+            baseline_cost = baseline_gb_s * main_rate
+            if self.prices.mode == "invocation":
+                baseline_cost += requests * per_request
+        elapsed = max(1e-9, now - self.started)
+        return {
+            "mode": self.prices.mode, "currency": "USD", "gb_s": main_gb_s + experts_gb_s, "cost": cost,
+            "gb_s_main": main_gb_s, "gb_s_experts": experts_gb_s,
+            "rate_gb_s_per_s": (main_gb_s + experts_gb_s) / elapsed, "invocations": invocations,
+            "by_function": by_function,
+            "baseline_all_local_gb_s": baseline_gb_s, "baseline_all_local_cost": baseline_cost,
+        }
+
+    def _slo(self, now: float) -> dict:
+        recent = [r for r in self.finished if r.done_at is not None and now - r.done_at <= self.window_s]
+        classes = {}
+        for name, (ttft_target, tpot_target) in self.slo_classes.items():
+            mine = [r for r in recent if r.slo_class == name]
+            met = sum(1 for r in mine if self._slo_met(r))
+            classes[name] = {
+                "ttft_target_s": ttft_target, "tpot_target_s": tpot_target, "requests": len(mine),
+                "attained": met, "attainment": (met / len(mine)) if mine else None,
+                "ttft": _percentiles([r.ttft_s for r in mine if r.ttft_s is not None]),
+                "tpot": _percentiles([r.tpot_s for r in mine if r.tpot_s is not None]),
+            }
+        return {"window_s": self.window_s, "requests_total": len(self.finished) + len(self.requests),
+                "requests_active": len(self.requests), "classes": classes}
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            now = self.clock()
+            instances = []
+            for rec in self.instances.values():
+                left = None
+                if rec.stopped_at is None and rec.last_used is not None:
+                    left = max(0.0, rec.keep_alive_s - (now - rec.last_used))
+                instances.append({
+                    "instance_id": rec.instance_id, "function_id": rec.function_id, "node": rec.node,
+                    "state": rec.state, "memory_gb": rec.memory_gb, "experts": rec.experts,
+                    "replica": rec.replica, "keep_alive_left_s": left, "invocations": rec.invocations,
+                    "started_at": rec.started_at, "stopped_at": rec.stopped_at, "path": rec.path,
+                    "stop_reason": rec.stop_reason, "cgroup": rec.cgroup, "cgroup_skipped": rec.cgroup_skipped,
+                })
+            load = None
+            if self.load is not None:
+                load = {"layers": int(self.load.shape[0]), "experts": int(self.load.shape[1]),
+                        "counts": self.load.tolist()}
+            return {
+                "time": now, "uptime_s": now - self.started, "policy": self.policy,
+                "billing": self._billing(now), "slo": self._slo(now),
+                "stragglers": {"recent": list(self.stragglers)[-50:],
+                               "imbalance": {str(k): v for k, v in sorted(self.imbalance.items())}},
+                "nodes": list(self.nodes), "instances": instances,
+                "cold_starts": list(self.cold_starts)[-50:], "deaths": list(self.deaths)[-50:],
+                "load": load, "rounds": self.rounds,
+            }
