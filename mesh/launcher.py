@@ -41,9 +41,11 @@ def _die_with_parent() -> None:
 class Mesh:
     """The processes of one mesh on this host; a context manager that always cleans up."""
 
-    def __init__(self, config: MeshConfig, log_dir: Path | None = None, quiet: bool = False) -> None:
+    def __init__(self, config: MeshConfig, log_dir: Path | None = None, quiet: bool = False,
+                 run_dir: Path | None = None) -> None:
         self.config = config
         self.log_dir = log_dir
+        self.run_dir = run_dir  # the daemons' run records (workers' own start/stop times)
         self.quiet = quiet
         self.coordinator: subprocess.Popen | None = None
         self.daemons: dict[str, subprocess.Popen] = {}
@@ -80,9 +82,10 @@ class Mesh:
         progress("coordinator", f"ready at {self.endpoints['client']}")
         for node in self.config.nodes:
             progress(node.name, "starting")
-            self.daemons[node.name] = self._popen(node.name, [
-                "nodes.daemon", "--node", node.name, "--control", self.endpoints["control"], "--config-json", blob,
-            ])
+            argv = ["nodes.daemon", "--node", node.name, "--control", self.endpoints["control"], "--config-json", blob]
+            if self.run_dir is not None:
+                argv += ["--run-dir", str(self.run_dir / node.name)]
+            self.daemons[node.name] = self._popen(node.name, argv)
         asyncio.run(self._wait_nodes(deadline, progress))
         return self.endpoints
 
