@@ -291,7 +291,8 @@ class Coordinator:
             if inst is None:
                 return
             self.spawn_failures.pop((inst.function_id, inst.replica), None)
-            self.meter.instance_ready(msg.instance_id, msg.started_at, dict(msg.stages), msg.cgroup, msg.cgroup_skipped)
+            self.meter.instance_ready(msg.instance_id, msg.started_at, dict(msg.stages), msg.cgroup, msg.cgroup_skipped,
+                                     msg.pid, msg.endpoint)
             log.info("%s warm on %s in %.3f s %s", msg.instance_id, name, sum(msg.stages.values()),
                      {k: round(v, 4) for k, v in msg.stages.items()})
         elif isinstance(msg, SpawnFailed):

@@ -60,6 +60,8 @@ class InstanceRecord:
     last_used: float | None = None
     cgroup: dict | None = None
     cgroup_skipped: str = ""
+    pid: int = 0
+    endpoint: str = ""
 
     def lifetime(self, now: float) -> float:
         if self.started_at is None:
@@ -157,13 +159,14 @@ class Meter:
             )
 
     def instance_ready(self, instance_id: str, started_at: float, stages: dict, cgroup: dict | None = None,
-                       cgroup_skipped: str = "") -> None:
+                       cgroup_skipped: str = "", pid: int = 0, endpoint: str = "") -> None:
         with self._lock:
             rec = self.instances.get(instance_id)
             if rec is None:
                 return
             rec.started_at, rec.ready_at, rec.state = started_at, self.clock(), "warm"
             rec.stages, rec.cgroup, rec.cgroup_skipped = dict(stages), cgroup, cgroup_skipped
+            rec.pid, rec.endpoint = pid, endpoint
             rec.last_used = rec.ready_at
             self.cold_starts.append({
                 "time": rec.ready_at, "instance_id": instance_id, "function_id": rec.function_id,
@@ -368,6 +371,7 @@ class Meter:
                     "replica": rec.replica, "keep_alive_left_s": left, "invocations": rec.invocations,
                     "started_at": rec.started_at, "stopped_at": rec.stopped_at, "path": rec.path,
                     "stop_reason": rec.stop_reason, "cgroup": rec.cgroup, "cgroup_skipped": rec.cgroup_skipped,
+                    "pid": rec.pid, "endpoint": rec.endpoint, "stages": dict(rec.stages),
                 })
             load = None
             if self.load is not None:
