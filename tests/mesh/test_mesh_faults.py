@@ -94,16 +94,15 @@ def test_bad_input_on_every_socket_gets_a_typed_error_and_the_mesh_keeps_serving
             asyncio.run(_raw(ep, [b"\x40", b"\x81\xa1x\x01"])),
             asyncio.run(_raw(ep, _retyped(layer, expert, torch.zeros(2, 32, dtype=torch.int64)))),
             asyncio.run(_raw(ep, _oversized(layer, expert))),
-            asyncio.run(_raw(ep, [bytes(f) for f in encode(ExpertCall(
-                call_id=9, layer=layer, expert_ids=[3 - expert if expert < 3 else 0], counts=[1],
-                x=torch.zeros(1, 32)))] if len(worker["experts"]) == 1 else None)),
+            asyncio.run(_raw(ep, [bytes(f) for f in encode(ExpertCall(  # all-remote: one expert per function
+                call_id=9, layer=layer, expert_ids=[(expert + 1) % 4], counts=[1], x=torch.zeros(1, 32)))])),
         ]
         codes = [decode(raw).code if raw is not None else None for raw in replies]
         assert codes[0] == MalformedFrame.code, codes
         assert codes[1] in ("bad_tensor", "malformed_frame"), codes
         assert codes[2] in ("oversized_message", "bad_tensor"), codes
-        assert codes[3] in ("unknown_expert", None), codes
-        assert all(isinstance(decode(r), WorkerError | ErrorReply) for r in replies if r is not None)
+        assert codes[3] == "unknown_expert", codes
+        assert all(isinstance(decode(r), WorkerError | ErrorReply) for r in replies)
 
         # and the mesh still serves, with the right tokens
         results = asyncio.run(generate_all(client_ep))
