@@ -1,0 +1,103 @@
+"""moemesh is never worse than Remoe on the shared estimator, and uses what is already warm."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from allocator import moemesh, remoe
+from allocator.cost import Loads, estimate
+from allocator.model import SLO, ModelShape, WarmInstance
+from allocator.profiles import Profiles
+
+from .conftest import random_forecast
+
+
+def key(plan, forecast, profiles, slo, cluster, workload, warm=()):
+    """(SLO violation, hedged SLO violation, money): the order moemesh promises to improve."""
+    loads = Loads.from_forecast(forecast, workload, profiles.shape.top_k)
+    plain = estimate(plan, loads, profiles, cluster, workload, warm=warm)
+    hedged = estimate(
+        plan, loads.hedged(forecast.confidence), profiles, cluster, workload, warm=warm
+    )
+    return (round(plain.slo_violation(slo), 9), round(hedged.slo_violation(slo), 9), plain.money)
+
+
+def test_moemesh_never_worse_than_remoe_on_synthetic_forecasts(
+    shape, profiles, workload, gpu_cluster, cpu_cluster, rng
+):
+    rows = []
+    for slo in (SLO(1.5, 0.05), SLO(1.5, 0.02)):
+        for cluster in (gpu_cluster, cpu_cluster):
+            for index in range(4):
+                forecast = random_forecast(
+                    rng, shape, workload, confidence=1.0 if index % 2 == 0 else None
+                )
+                ours = moemesh.plan(forecast, profiles, slo, cluster, workload)
+                theirs = remoe.plan(forecast, profiles, slo, cluster, workload)
+                ours_key = key(ours, forecast, profiles, slo, cluster, workload)
+                theirs_key = key(theirs, forecast, profiles, slo, cluster, workload)
+                assert ours_key <= theirs_key
+                if forecast.confidence == 1.0 and theirs_key[0] == 0.0:
+                    assert ours_key[2] <= theirs_key[2]
+                rows.append(
+                    (
+                        cluster.main_node,
+                        slo.tpot_s,
+                        forecast.confidence,
+                        theirs_key,
+                        ours_key,
+                        ours.params["start"],
+                    )
+                )
+    print("\nmain  tpot   conf  remoe $      moemesh $    saving  start")
+    for node, tpot, confidence, theirs_key, ours_key, start in rows:
+        saving = 1 - ours_key[2] / theirs_key[2]
+        print(
+            f"{node:<5} {tpot:<6} {confidence:4.2f}  {theirs_key[2]:.3e}  {ours_key[2]:.3e}  {saving:6.1%}  {start}"
+        )
+
+
+def test_moemesh_on_a_larger_model_with_a_gpu_main(gpu_cluster, workload, rng):
+    """8 layers x 16 experts of 17 MB: big enough that keeping every expert on the GPU costs."""
+    shape = ModelShape.synthetic()
+    profiles = Profiles.synthetic(shape)
+    slo = SLO(2.0, 0.05)
+    for _ in range(2):
+        forecast = random_forecast(rng, shape, workload)
+        ours = moemesh.plan(forecast, profiles, slo, gpu_cluster, workload, search_passes=1)
+        theirs = remoe.plan(forecast, profiles, slo, gpu_cluster, workload)
+        assert key(ours, forecast, profiles, slo, gpu_cluster, workload) <= key(
+            theirs, forecast, profiles, slo, gpu_cluster, workload
+        )
+
+
+def test_moemesh_reuses_a_warm_instance(shape, profiles, workload, cpu_cluster, rng):
+    forecast = random_forecast(rng, shape, workload, confidence=1.0)
+    slo = SLO(1.5, 0.05)
+    cold = moemesh.plan(forecast, profiles, slo, cpu_cluster, workload)
+    layer_zero = next(f for f in cold.functions if f.experts[0][0] == 0)
+    # A warm instance holding those experts at another size, kept alive by an earlier request.
+    other_size = round(layer_zero.memory_gb - 5 * cpu_cluster.grid.step_gb, 9)
+    warm = (WarmInstance("warm-L0", frozenset(layer_zero.experts), other_size, "local"),)
+    hot = moemesh.plan(forecast, profiles, slo, cpu_cluster, workload, warm=warm)
+    assert "reuse warm-L0" in hot.params["moves"]
+    reused = next(f for f in hot.functions if f.id == "warm-L0")
+    assert set(reused.experts) == set(layer_zero.experts) and reused.memory_gb == other_size
+    assert key(hot, forecast, profiles, slo, cpu_cluster, workload, warm) <= key(
+        cold, forecast, profiles, slo, cpu_cluster, workload, warm
+    )
+
+
+def test_low_confidence_is_judged_on_hedged_loads_too(shape, profiles, workload, cpu_cluster):
+    distribution = np.tile(
+        np.array([0.6, 0.2, 0.1, 0.04, 0.03, 0.02, 0.005, 0.005]), (shape.moe_layers, 1)
+    )
+    from predictor.forecast import Forecast
+
+    doubtful = Forecast(
+        distribution, distribution * workload.total_tokens * shape.top_k, 0.2, (), "test"
+    )
+    plan = moemesh.plan(doubtful, profiles, SLO(1.5, 0.03), cpu_cluster, workload)
+    assert "remoe-hedged" in plan.params["candidates"]
+    assert plan.params["hedging"]["hoeffding_hedged"] > remoe.HOEFFDING_CONSTANT
+    assert plan.params["key"][1] <= plan.params["remoe_key"][1]
