@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=func)
 
+    argv = sys.argv[1:] if argv is None else argv
+    passthrough = {"bench": cmd_bench, "predictor-eval": cmd_predictor_eval, "tui": cmd_tui}
+    if argv and argv[0] in passthrough:  # these parse their own flags
+        return passthrough[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = ap.parse_args(argv)
     return args.func(args)
 

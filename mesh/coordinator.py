@@ -402,6 +402,7 @@ class Coordinator:
         return {"endpoints": self.endpoints, "model": str(self.model_path), "policy": snap["policy"],
                 "nodes": self._nodes_view(time.time()), "instances": snap["instances"],
                 "billing": snap["billing"], "slo": snap["slo"], "engine": dict(self.executor.stats),
+                "rounds": self.executor.round_summary(), "steps": self.loop_thread.steps if self.loop_thread else 0,
                 "cold_starts": snap["cold_starts"], "deaths": snap["deaths"], "stragglers": snap["stragglers"],
                 "records": list(self.records.values())[-100:]}
 

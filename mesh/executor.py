@@ -68,6 +68,8 @@ class MeshExecutor:
         self.request_ids: list[str] = []  # requests in the current step (for the meter)
         self.num_moe_layers = 0
         self.stats = {"calls": 0, "fallbacks": 0, "retries": 0, "late": 0}
+        self._waited = False
+        self.rounds: dict[int, list] = {}  # layer -> [rounds, seconds, calls, bytes sent] (remote rounds only)
 
     # -- sockets -----------------------------------------------------------------------------
 
@@ -94,6 +96,8 @@ class MeshExecutor:
     # -- one round -------------------------------------------------------------------------------
 
     def run(self, block: MoEBlock, plan: Dispatch) -> torch.Tensor:
+        start = time.perf_counter()
+        self._waited = False
         layer = plan.layer
         self.meter.layer_load(layer, plan.counts.numpy(), self.num_moe_layers or layer + 1)
         local: list[int] = []
@@ -105,8 +109,10 @@ class MeshExecutor:
         y = torch.zeros_like(plan.x)
         pending: dict[int, Chunk] = {}
         fallback: list[Chunk] = []
+        pending_all: list[Chunk] = []
         for function_id, experts in remote.items():
             for chunk in self._chunks(function_id, experts, plan):
+                pending_all.append(chunk)
                 if not self._send(chunk, plan, layer, pending):
                     fallback.append(chunk)
 
@@ -119,7 +125,19 @@ class MeshExecutor:
             y[chunk.rows] = self._local(block, plan, chunk)
         self.meter.scatter_round(layer, replies)
         self.meter.request_calls(self.request_ids, len(replies), len(fallback))
+        if remote and not self._waited:  # rounds that waited for a cold start would skew the mean
+            sent = sum(len(c.rows) for c in pending_all) * plan.x.shape[1] * plan.x.element_size()
+            acc = self.rounds.setdefault(layer, [0, 0.0, 0, 0])
+            acc[0] += 1
+            acc[1] += time.perf_counter() - start
+            acc[2] += len(pending_all)
+            acc[3] += sent
         return y
+
+    def round_summary(self) -> dict[str, dict]:
+        """Per MoE layer: mean scatter-gather round time, calls and bytes per round."""
+        return {str(layer): {"rounds": n, "mean_round_s": t / n, "calls_per_round": c / n, "bytes_per_round": b / n}
+                for layer, (n, t, c, b) in sorted(dict(self.rounds).items()) if n}
 
     def _chunks(self, function_id: str, experts: list[int], plan: Dispatch) -> list[Chunk]:
         """Split a function's rows into calls of at most micro_batch_tokens rows and the payload cap."""
@@ -154,6 +172,7 @@ class MeshExecutor:
         if not warm and starting:
             start = time.monotonic()
             warm = self.registry.wait_warm(chunk.function_id, self.settings.cold_start_wait_s)
+            self._waited = True
             if warm:
                 log.info("waited %.3f s for a cold start of %s", time.monotonic() - start, chunk.function_id)
                 self.meter.cold_start_on_path(warm[0].instance_id, self.request_ids)
