@@ -209,13 +209,16 @@ class Meter:
 
     # -- the data path -----------------------------------------------------------------------
 
-    def invocation(self, instance_id: str, seconds: float, compute_s: float = 0.0) -> None:
+    def invocation(self, instance_id: str, latency_s: float, compute_s: float) -> None:
+        """One call: billed, as Lambda bills, for the function's own execution time (compute_s,
+        measured by the worker) rounded up to round_ms; latency_s (round trip) is for stragglers."""
         with self._lock:
             rec = self.instances.get(instance_id)
             if rec is None:
                 return
             rec.invocations += 1
-            rec.billed_call_s += math.ceil(seconds * 1000.0 / self.prices.round_ms) * self.prices.round_ms / 1000.0
+            step = self.prices.round_ms / 1000.0
+            rec.billed_call_s += math.ceil(compute_s / step - 1e-9) * step if step > 0 else compute_s
             rec.busy_s += compute_s
             rec.last_used = self.clock()
 
