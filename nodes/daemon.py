@@ -34,6 +34,9 @@ worker's run record (`<run_dir>/<instance_id>.json`: its own create time and exi
 the meter bills the process's real lifetime; stopped_at is the daemon's clock when the worker
 could not write it (killed). exit_code is the exit status, or -N for a signal N.
 
+Limits: an instance's cgroups (nodes.limits, `[functions] cgroups`) get SpawnFunction.memory_gb
+and cpu_share vCPUs (cpu_share 0: memory_gb / gb_per_vcpu); the worker joins them itself.
+
 No orphans: the zygote and fresh workers die with the daemon (PR_SET_PDEATHSIG), the zygote's
 workers with the zygote; SIGTERM stops everything cleanly.
 """
@@ -53,6 +56,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.asyncio
@@ -83,6 +87,9 @@ from nodes.limits import Applied, Cgroups, CgroupUnavailable
 from nodes.procs import pack, read_message_async
 from nodes.worker import WorkerSpec, read_run_record, setup_logging
 
+if TYPE_CHECKING:
+    from mesh.config import MeshConfig
+
 log = logging.getLogger("nodes.daemon")
 
 BACKOFF_INITIAL_S = 0.25
@@ -103,6 +110,7 @@ class DaemonSettings:
     heartbeat_interval_s, liveness: used until the coordinator's RegisterAck says otherwise
     stop_grace_s:         how long a stopped worker may take before SIGKILL
     ready_timeout_s:      how long a spawn may take (plus its start delay) before SIGKILL
+    dtype:                workers load expert weights in the mesh's [model] dtype
     """
 
     node: str
@@ -121,9 +129,10 @@ class DaemonSettings:
     liveness: int = 3
     stop_grace_s: float = 3.0
     ready_timeout_s: float = 120.0
+    dtype: str = "float32"
 
     @classmethod
-    def from_config(cls, config, node: str, control: str, run_dir: str) -> DaemonSettings:
+    def from_config(cls, config: MeshConfig, node: str, control: str, run_dir: str) -> DaemonSettings:
         """From a `mesh.config.MeshConfig`: its `[[nodes]]` entry named `node` and `[functions]`."""
         entries = {n.name: n for n in config.nodes}
         if node not in entries:
@@ -140,6 +149,7 @@ class DaemonSettings:
             cgroups=functions.cgroups, cfs_period_us=functions.cfs_period_us,
             gb_per_vcpu=functions.gb_per_vcpu, threads_per_function=functions.threads_per_function,
             heartbeat_interval_s=config.coordinator.heartbeat_s, liveness=config.coordinator.liveness,
+            dtype=config.model.dtype,
         )
 
 
@@ -195,6 +205,7 @@ class ZygoteProcess:
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.reader: asyncio.Task | None = None
         self.import_s = 0.0
+        self.closing = False
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -229,7 +240,10 @@ class ZygoteProcess:
         except ProtocolError as exc:
             log.error("unreadable message from the zygote (%s): restarting it", exc)
         code = await self._wait_exit(1.0)
-        log.warning("zygote exited (code %s); the next zygote spawn starts a new one", code)
+        if self.closing:
+            log.info("zygote exited (code %s)", code)
+        else:
+            log.warning("zygote exited (code %s); the next zygote spawn starts a new one", code)
         if not self.ready.done():
             self.ready.set_exception(MeshError(
                 f"the zygote exited with code {code} before it was warm",
@@ -248,6 +262,7 @@ class ZygoteProcess:
 
     async def close(self) -> None:
         """Close its stdin (it kills and reaps its workers, then exits); kill it if it lingers."""
+        self.closing = True
         if self.proc is None or self.proc.returncode is not None:
             return
         with contextlib.suppress(OSError, RuntimeError):
@@ -491,7 +506,7 @@ class NodeDaemon:
             threads=s.threads_per_function, host=s.host, daemon_endpoint=self.worker_endpoint,
             run_dir=str(self.run_dir), t0=t0, start_delay_s=msg.start_delay_s,
             cgroup_procs=limits.procs_files, cgroup=limits.values, cgroup_skipped=limits.skipped,
-            cgroup_required=s.cgroups == "require", parent_pid=os.getpid(),
+            cgroup_required=s.cgroups == "require", parent_pid=os.getpid(), dtype=s.dtype,
         )
         inst = Instance(msg, spec, limits, via_zygote=msg.spawn == "zygote")
         self.instances[msg.instance_id] = inst

@@ -32,6 +32,9 @@ activations of a call, and a few MB of per-process state. Measured on this machi
     zygote           231 MB   149 MB
     forked worker    173 MB     7 MB           80 MB    4 MB
     fresh worker     234 MB   148 MB          152 MB    0.5 MB
+    bundled model, all 48 experts (14 MB of float32 weights), after a 64-token call:
+    forked worker    188 MB    22 MB           97 MB   19 MB
+    fresh worker     249 MB   163 MB          178 MB   15 MB
 
 So a sane minimum is its experts' weight bytes + its largest call's activations (about
 rows x (2 hidden + 3 intermediate) x 4 bytes) + ~16 MB; the allocator's min_memory_gb (0.125)

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = js(activations(model, tokenizer, gsm[::2]), activations(model, tokenizer, gsm[1::2]))
     names = sorted(acts)
     matrix = {a: {b: js(acts[a], acts[b]) for b in names} for a in names}
-    print(f"| category | prompts | top experts, layer 0 (share) | mean JS to others | max JS (to) |")
+    print("| category | prompts | top experts, layer 0 (share) | mean JS to others | max JS (to) |")
     print("|---|---|---|---|---|")
     for a in names:
         dist = acts[a][0] / acts[a][0].sum()

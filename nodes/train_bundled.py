@@ -26,7 +26,7 @@ from nodes.model.cache import SequenceCache, make_segments, positions_of
 from nodes.model.checkpoint import save_checkpoint
 from nodes.model.config import MoEConfig
 from nodes.model.model import MoEModel
-from nodes.model.moe import LocalExecutor, MoEBlock
+from nodes.model.moe import LocalExecutor
 
 EOS = "<|endoftext|>"
 

@@ -5,6 +5,10 @@
      running)   cgroups,    only, from    InstanceReady with the four stage times)
                 threads)    safetensors)
 
+"spawn" runs from the daemon's receipt of SpawnFunction (t0) to `run_worker`'s first line:
+the fork (or a fresh interpreter's start and imports), any start_delay_s, and, on a node whose
+zygote is still warming up, the wait for it.
+
 Started by its node daemon, either forked from the zygote (`nodes.zygote`, torch already
 imported) or as a fresh interpreter:
 
@@ -19,7 +23,8 @@ Sockets (all with linger 0, except a last word to the daemon, which may wait 1 s
                                               "failed" after); <- daemon: StopFunction, Ping
 
 The serving loop is a plain synchronous `zmq.Poller` loop with torch computing inline on one
-thread (DESIGN "Transport rules": a blocking loop beats asyncio on the hot path). A frame that
+thread (DESIGN "Transport rules": a blocking loop beats asyncio on the hot path; STYLE's I/O
+thread + queue adds a hand-off per call for nothing while a worker serves one call at a time). A frame that
 cannot be decoded gets a typed answer and the loop goes on: `WorkerError(call_id, code)` when
 the call id can be read from the header, else `ErrorReply(None, code)`; WorkerError's call_id
 cannot be negative, so a call the worker cannot identify is answered with the one message made
@@ -95,6 +100,8 @@ class WorkerSpec:
     cgroup_skipped:  why no cgroup is applied ("" if one is); cgroup_required: a failed join
                      is fatal (mode "require")
     parent_pid:      the parent the worker must die with (None: not checked)
+    dtype:           the weights' dtype, the mesh's [model] dtype (as the coordinator loads its
+                     own experts, so that remote and local experts compute alike)
     """
 
     instance_id: str
@@ -116,6 +123,7 @@ class WorkerSpec:
     cgroup_skipped: str = ""
     cgroup_required: bool = False
     parent_pid: int | None = None
+    dtype: str = "float32"
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -132,6 +140,8 @@ class WorkerSpec:
         data = dict(data)
         data["experts"] = tuple((int(layer), int(expert)) for layer, expert in data["experts"])
         data["cgroup_procs"] = tuple(data.get("cgroup_procs", ()))
+        if data.get("dtype", "float32") not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"WorkerSpec.dtype: {data['dtype']!r}; expected float32, float16 or bfloat16")
         return cls(**data)
 
 
@@ -232,7 +242,7 @@ def _start(
     stages["limits"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    checkpoint = Checkpoint(spec.model_path)
+    checkpoint = Checkpoint(spec.model_path, dtype=getattr(torch, spec.dtype))
     experts = checkpoint.load_experts(spec.experts)
     checkpoint.close()
     stages["weights"] = time.perf_counter() - t
@@ -454,4 +464,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is closed already; skip the interpreter's teardown of torch (~1 s here), so
+    # the process ends when its run record says it stopped.
+    logging.shutdown()
+    os._exit(code)

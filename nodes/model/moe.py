@@ -118,6 +118,17 @@ def dispatch(layer: int, x: torch.Tensor, routing: Routing, num_experts: int) ->
     return Dispatch(layer, x[token], token, routing.weights.reshape(-1)[order], counts, tokens)
 
 
+def counts_by_range(plan: Dispatch, bounds: list[tuple[int, int]]) -> torch.Tensor:
+    """[R, E] token-slots routed to each expert from the tokens in each [start, stop) range
+    (e.g. each request's rows of a flat batch)."""
+    expert_of_row = torch.repeat_interleave(torch.arange(len(plan.counts)), plan.counts)  # [S]
+    out = torch.zeros(len(bounds), len(plan.counts), dtype=torch.long)
+    for i, (start, stop) in enumerate(bounds):
+        mine = (plan.token >= start) & (plan.token < stop)
+        out[i] = torch.bincount(expert_of_row[mine], minlength=len(plan.counts))
+    return out
+
+
 def combine(y: torch.Tensor, plan: Dispatch, dtype: torch.dtype) -> torch.Tensor:
     """y [S, H] unweighted expert outputs in dispatch order -> [T, H] weighted sum per token."""
     out = torch.zeros(plan.num_tokens, y.shape[1], dtype=dtype)

@@ -14,7 +14,6 @@ from nodes.model.tokenizer import StreamDecoder, Tokenizer
 from tests.nodes.hf_tiny import make_tiny
 
 
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("mixtral")
