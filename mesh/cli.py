@@ -5,6 +5,7 @@
     moemesh status                     nodes, function instances, billing and SLOs of a running mesh
     moemesh plan --policy remoe        print the plan a policy makes for a prompt
     moemesh bench                      measure the mesh against raw ZeroMQ and the in-process engine
+    moemesh trace --out DIR            record activation traces (in process, or through a mesh)
     moemesh predictor-eval             evaluate the predictors on activation traces
     moemesh tui                        the live dashboard
 """
@@ -128,6 +129,12 @@ def cmd_bench(args) -> int:
     return bench_main(args.rest)
 
 
+def cmd_trace(args) -> int:
+    from mesh.trace import main as trace_main
+
+    return trace_main(args.rest)
+
+
 def cmd_predictor_eval(args) -> int:
     from predictor.evaluate import main as eval_main
 
@@ -178,13 +185,14 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, func, text in (("bench", cmd_bench, "benchmarks (see `moemesh bench --help`)"),
                              ("predictor-eval", cmd_predictor_eval, "evaluate predictors on traces"),
+                             ("trace", cmd_trace, "record activation traces"),
                              ("tui", cmd_tui, "the live dashboard")):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=func)
 
     argv = sys.argv[1:] if argv is None else argv
-    passthrough = {"bench": cmd_bench, "predictor-eval": cmd_predictor_eval, "tui": cmd_tui}
+    passthrough = {"bench": cmd_bench, "predictor-eval": cmd_predictor_eval, "tui": cmd_tui, "trace": cmd_trace}
     if argv and argv[0] in passthrough:  # these parse their own flags
         return passthrough[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = ap.parse_args(argv)

@@ -50,6 +50,7 @@ __all__ = [
     "ModelConfig",
     "NodeConfig",
     "PolicyConfig",
+    "PredictorConfig",
     "SloClass",
     "SloConfig",
     "load_config",
@@ -492,6 +493,21 @@ class MeterConfig:
         _validate(self)
 
 
+@dataclass(frozen=True)
+class PredictorConfig:
+    """[predictor]: what forecasts a request's expert activations for the policy.
+    name:         "moving-average", "recent-use", "sps", "bayes" or "layer-aware"
+    traces:       a trace store (moemesh trace) the predictor learns from at start-up (None: cold)
+    record_dir:   append every served request's activation trace to this store (None: don't)"""
+
+    name: Literal["moving-average", "recent-use", "sps", "bayes", "layer-aware"] = "sps"
+    traces: str | None = setting(None, NOT_EMPTY)
+    record_dir: str | None = setting(None, NOT_EMPTY)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
 # ------------------------------------------------------------------------------- the whole
 
 
@@ -546,6 +562,7 @@ class MeshConfig:
     slo: SloConfig = setting(factory=SloConfig)
     policy: PolicyConfig = setting(factory=PolicyConfig)
     meter: MeterConfig = setting(factory=MeterConfig)
+    predictor: PredictorConfig = setting(factory=PredictorConfig)
 
     def __post_init__(self) -> None:
         _validate(self)

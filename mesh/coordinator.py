@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import zmq
 import zmq.asyncio
@@ -60,9 +61,13 @@ from mesh.protocol import (
     encode,
     error_reply_for,
 )
+from mesh.trace import make_record, predictor_shape, prompt_features, trace_meta
 from nodes.model.checkpoint import Checkpoint
 from nodes.model.engine import Engine, SamplingParams
 from nodes.model.tokenizer import Tokenizer
+from predictor.evaluate import default_predictors
+from predictor.forecast import Activation
+from predictor.traces import TraceStore
 
 log = logging.getLogger("moemesh.coordinator")
 
@@ -95,6 +100,10 @@ class Coordinator:
             slo, straggler_k=config.policy.straggler_k,
         )
         self.registry = Registry()
+        self.predictor = self._make_predictor()
+        self.traces = self._open_traces()
+        self.features: dict[str, object] = {}  # request id -> PromptFeatures, until it finishes
+        self.since_plan = 0
         self.plan = planning.make_plan(config, self.model.config)
         self.registry.set_plan(self.plan)
         self.meter.set_main(self.plan.main.memory_gb, self.plan.main.device,
@@ -114,7 +123,73 @@ class Coordinator:
         self.loop_thread: EngineLoop | None = None
         self.stopping = asyncio.Event()
         self.records: dict[str, dict] = {}
+        self.prompts: dict[str, str] = {}
         self.spawn_failures: dict[tuple[str, int], tuple[int, float]] = {}  # (fn, replica) -> (count, last)
+
+    # -- predictor, plans, traces ----------------------------------------------------------------
+
+    def _make_predictor(self):
+        shape = predictor_shape(self.model)
+        gates = np.stack([b.gate.weight.detach().float().numpy() for b in self.model.moe_blocks()])  # [L, E, d]
+        predictor = default_predictors(shape, seed=0, gate_weights=gates, names=[self.config.predictor.name])[0]
+        if self.config.predictor.traces:
+            records = list(TraceStore.open(self.config.predictor.traces))
+            predictor.fit(records)
+            log.info("predictor %s learned from %d traces in %s", predictor.name, len(records),
+                     self.config.predictor.traces)
+        return predictor
+
+    def _open_traces(self) -> TraceStore | None:
+        path = self.config.predictor.record_dir
+        if not path:
+            return None
+        if (Path(path) / "meta.json").exists():
+            return TraceStore.open(path)
+        return TraceStore.create(path, trace_meta(self.model, self.model_path.name))
+
+    @property
+    def adaptive(self) -> bool:
+        """Policies that plan from a forecast (the baselines' plans never change)."""
+        return self.config.policy.name not in ("all-local", "all-remote", "static-split")
+
+    def _replan(self, features, prompt_tokens: int, new_tokens: int) -> None:
+        """Forecast this request, plan from it, warm what the plan names (per batch window)."""
+        replan_every = self.config.policy.replan_every
+        self.since_plan += 1
+        if not self.adaptive or (replan_every == 0 and self.since_plan > 1) or \
+                (replan_every and (self.since_plan - 1) % replan_every):
+            return
+        from allocator.model import WarmInstance, Workload
+
+        start = time.perf_counter()
+        forecast = self.predictor.forecast(features)
+        warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
+        try:
+            plan = planning.make_plan(self.config, self.model.config, forecast,
+                                      Workload(max(1, prompt_tokens), max(1, new_tokens)), warm=warm)
+        except Exception as exc:  # a policy that cannot plan keeps the plan in force
+            log.warning("policy %s could not plan (%s); keeping the plan in force", self.config.policy.name, exc)
+            return
+        self.plan = plan
+        self.registry.set_plan(plan)
+        self.meter.set_main(plan.main.memory_gb, plan.main.device, self.meter.baseline_main_memory_gb)
+        self.meter.policy = planning.describe(plan, forecast)
+        log.info("re-planned with %s in %.1f ms: %d local experts, %d functions (forecast by %s, confidence %.2f)",
+                 plan.policy, (time.perf_counter() - start) * 1e3, len(plan.local), len(plan.functions),
+                 forecast.source, forecast.confidence)
+
+    def _learn(self, request_id: str, text: str, activation) -> None:
+        features = self.features.pop(request_id, None)
+        if features is None or activation is None:
+            return
+        prefill, decode = (a.numpy() for a in activation)
+        try:
+            self.predictor.observe(features, Activation(prefill, decode))
+            if self.traces is not None:
+                self.traces.append(make_record(self.model, request_id, text, features.token_ids.tolist(),
+                                               features.expected_new_tokens, prefill, decode))
+        except Exception:
+            log.exception("learning from request %s failed (serving goes on)", request_id)
 
     # -- sockets -----------------------------------------------------------------------------
 
@@ -218,6 +293,10 @@ class Coordinator:
                                 stop_at_eos=req.stop_at_eos)
         self.clients[req.request_id] = identity
         self.meter.request_admitted(req.request_id, slo_class, len(ids))
+        features = prompt_features(self.model, ids, req.max_new_tokens, req.prompt)
+        self.features[req.request_id] = features
+        self.prompts[req.request_id] = req.prompt
+        self._replan(features, len(ids), req.max_new_tokens)
         self._warm()  # cold starts overlap the prompt's first layers
         self.loop_thread.inbox.put(Admit(req.request_id, ids, params))
 
@@ -234,13 +313,19 @@ class Coordinator:
             elif isinstance(event, Finished):
                 del self.clients[event.request_id]
                 record = self.meter.request_done(event.request_id, event.finish_reason)
+                if event.activation is not None:
+                    record["activation"] = {"prefill": event.activation[0].tolist(),
+                                            "decode": event.activation[1].tolist()}
                 self._keep_record(record)
+                self._learn(event.request_id, self.prompts.pop(event.request_id, ""), event.activation)
                 await self._reply(identity, RequestDone(
                     request_id=event.request_id, finish_reason=event.finish_reason,
                     prompt_tokens=event.prompt_tokens, generated_tokens=event.generated_tokens,
                     ttft_s=record.get("ttft_s") or 0.0, tpot_s=record.get("tpot_s") or 0.0, record=record))
             elif isinstance(event, Failed):
                 del self.clients[event.request_id]
+                self.features.pop(event.request_id, None)
+                self.prompts.pop(event.request_id, None)
                 self._keep_record(self.meter.request_done(event.request_id, "error"))
                 await self._reply(identity, error_reply_for(event.error, event.request_id))
 

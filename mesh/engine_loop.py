@@ -48,6 +48,8 @@ class Finished:
     finish_reason: str
     prompt_tokens: int
     generated_tokens: int
+    prompt_ids: tuple[int, ...] = ()
+    activation: tuple | None = None  # (prefill, decode) [layers, experts] token-slot counts
 
 
 @dataclass(frozen=True)
@@ -106,11 +108,20 @@ class EngineLoop(threading.Thread):
                 if rid == item.request_id:
                     self.engine.cancel(seq)
                     del self.by_seq[seq_id]
+                    self.executor.activations.pop(rid, None)
                     self.emit(Finished(rid, "cancelled", len(seq.prompt), len(seq.generated)))
 
     def _step(self) -> None:
         batch = self.engine.active[: self.engine.max_batch]
         self.executor.request_ids = [self.by_seq[s.id][0] for s in batch if s.id in self.by_seq]
+        segments, start = [], 0
+        for seq in batch:  # the rows each request feeds this step (Engine.step's order)
+            n = len(seq.pending_input())
+            if seq.id in self.by_seq:
+                segments.append((self.by_seq[seq.id][0], start, start + n,
+                                 "prefill" if seq.cache.length == 0 else "decode"))
+            start += n
+        self.executor.segments = segments
         self.executor.prune()
         start = time.perf_counter()
         try:
@@ -134,4 +145,7 @@ class EngineLoop(threading.Thread):
             self.emit(Token(rid, len(seq.generated) - 1, token, text))
             if seq.done:
                 del self.by_seq[seq.id]
-                self.emit(Finished(rid, seq.finish_reason, len(seq.prompt), len(seq.generated)))
+                config = self.engine.model.config
+                activation = self.executor.take_activation(rid, config.num_moe_layers, config.num_experts)
+                self.emit(Finished(rid, seq.finish_reason, len(seq.prompt), len(seq.generated),
+                                   tuple(seq.prompt), activation))

@@ -28,7 +28,7 @@ from mesh.errors import ProtocolError
 from mesh.functions import Instance, Registry, State
 from mesh.meter import Meter
 from mesh.protocol import ExpertCall, ExpertResult, WorkerError, decode, encode
-from nodes.model.moe import Dispatch, MoEBlock, run_experts
+from nodes.model.moe import Dispatch, MoEBlock, counts_by_range, run_experts
 
 log = logging.getLogger("moemesh.executor")
 
@@ -66,6 +66,10 @@ class MeshExecutor:
         self.sockets: dict[str, zmq.Socket] = {}
         self._call_ids = itertools.count(1)
         self.request_ids: list[str] = []  # requests in the current step (for the meter)
+        # (request id, first row, end row, "prefill" | "decode") of the current step's flat batch
+        self.segments: list[tuple[str, int, int, str]] = []
+        # request id -> phase -> [layers, experts] token-slot counts (the activation traces)
+        self.activations: dict[str, dict[str, torch.Tensor]] = {}
         self.num_moe_layers = 0
         self.stats = {"calls": 0, "fallbacks": 0, "retries": 0, "late": 0}
         self._waited = False
@@ -100,6 +104,7 @@ class MeshExecutor:
         self._waited = False
         layer = plan.layer
         self.meter.layer_load(layer, plan.counts.numpy(), self.num_moe_layers or layer + 1)
+        self._record_activations(plan)
         local: list[int] = []
         remote: dict[str, list[int]] = {}
         for e in plan.active_experts():
@@ -133,6 +138,23 @@ class MeshExecutor:
             acc[2] += len(pending_all)
             acc[3] += sent
         return y
+
+    def _record_activations(self, plan: Dispatch) -> None:
+        if not self.segments:
+            return
+        counts = counts_by_range(plan, [(start, stop) for _, start, stop, _ in self.segments])
+        layers = self.num_moe_layers or plan.layer + 1
+        for (rid, _, _, phase), row in zip(self.segments, counts, strict=True):
+            phases = self.activations.setdefault(rid, {})
+            if phase not in phases:
+                phases[phase] = torch.zeros(layers, len(row), dtype=torch.long)
+            phases[phase][plan.layer] += row
+
+    def take_activation(self, request_id: str, layers: int, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prefill, decode) [layers, experts] counts of a finished request; forgets them."""
+        phases = self.activations.pop(request_id, {})
+        empty = torch.zeros(layers, experts, dtype=torch.long)
+        return phases.get("prefill", empty), phases.get("decode", empty)
 
     def round_summary(self) -> dict[str, dict]:
         """Per MoE layer: mean scatter-gather round time, calls and bytes per round."""

@@ -44,6 +44,7 @@ class Instance:
     node: str
     replica: int
     memory_gb: float
+    experts: frozenset = frozenset()  # what it loaded: a re-plan may reuse a function id for others
     state: State = State.STARTING
     endpoint: str = ""
     pid: int = 0
@@ -84,13 +85,14 @@ class Registry:
         with self.cond:
             out = []
             for spec in self.functions.values():
-                live = {i.replica for i in self.instances.values() if i.function_id == spec.id and i.live}
+                live = {i.replica for i in self._of(spec) if i.live}
                 out += [(spec, r) for r in range(spec.replicas) if r not in live]
             return out
 
     def new_instance(self, spec: FunctionSpec, replica: int, node: str) -> Instance:
         with self.cond:
-            inst = Instance(f"{spec.id}.{replica}.{next(self._ids)}", spec.id, node, replica, spec.memory_gb)
+            inst = Instance(f"{spec.id}.{replica}.{next(self._ids)}", spec.id, node, replica, spec.memory_gb,
+                            frozenset(spec.experts))
             self.instances[inst.instance_id] = inst
             self._changed()
             return inst
@@ -119,6 +121,15 @@ class Registry:
         with self.cond:
             return sum(i.memory_gb for i in self.instances.values() if i.node == node and i.live)
 
+    def _of(self, spec: FunctionSpec) -> list[Instance]:
+        """Instances that serve exactly this function's experts (same id and same expert set)."""
+        experts = frozenset(spec.experts)
+        return [i for i in self.instances.values() if i.function_id == spec.id and i.experts == experts]
+
+    def warm_instances(self) -> list[Instance]:
+        with self.cond:
+            return [i for i in self.instances.values() if i.state is State.WARM]
+
     def _changed(self) -> None:
         self.generation += 1
         self.cond.notify_all()
@@ -128,7 +139,8 @@ class Registry:
     def serving(self, function_id: str) -> tuple[list[Instance], bool]:
         """(warm instances of the function, whether another is still starting)."""
         with self.cond:
-            mine = [i for i in self.instances.values() if i.function_id == function_id]
+            spec = self.functions.get(function_id)
+            mine = self._of(spec) if spec is not None else []
             warm = sorted((i for i in mine if i.state is State.WARM), key=lambda i: (i.suspect, i.replica))
             return warm, any(i.state is State.STARTING for i in mine)
 

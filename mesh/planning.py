@@ -74,13 +74,13 @@ def slo_of(config: MeshConfig, slo_class: str | None = None) -> SLO:
 
 
 def make_plan(config: MeshConfig, model: MoEConfig, forecast: Forecast | None = None,
-              workload: Workload | None = None) -> Plan:
+              workload: Workload | None = None, warm=()) -> Plan:
     profiles = profiles_of(config, model)
     shape = profiles.shape
     workload = workload or Workload(prompt_tokens=64, new_tokens=32)
     if forecast is None:
         forecast = Forecast.uniform(shape.moe_layers, shape.experts_per_layer, workload.total_tokens, shape.top_k)
-    options = {}
+    options = {"warm": tuple(warm)}
     name = config.policy.name
     if name == "static-split":
         options["remote"] = [tuple(e) for e in config.policy.remote]
@@ -99,18 +99,23 @@ def all_local_main_gb(config: MeshConfig, model: MoEConfig) -> float:
     return plan.main.memory_gb
 
 
-def describe(plan: Plan) -> dict:
-    """The plan in force, as the meter publishes it (tui/ shows it)."""
+def describe(plan: Plan, forecast: Forecast | None = None) -> dict:
+    """The plan in force and why, as the meter publishes it (tui/ shows it)."""
     return {
         "name": plan.policy,
         "reason": str(plan.params.get("reason", "")),
+        "forecast": None if forecast is None else {
+            "source": forecast.source, "confidence": float(forecast.confidence),
+            "stragglers": [list(s) for s in forecast.stragglers],
+            "distribution": np.round(forecast.distribution, 4).tolist()},
+        "slo": plan.params.get("slo"),
         "plan": {
             "main_memory_gb": plan.main.memory_gb,
             "local": sorted([list(e) for e in plan.local]),
             "functions": [{"id": f.id, "experts": [list(e) for e in f.experts], "memory_gb": f.memory_gb,
                            "replicas": f.replicas, "nodes": list(f.nodes)} for f in plan.functions],
         },
-        "estimate": {k: v for k, v in plan.params.items() if isinstance(v, int | float | str)},
+        "estimate": plan.params.get("estimate"),
     }
 
 

@@ -38,6 +38,7 @@ async def status(address: str) -> dict:
     ("all-local", {}),
     ("all-remote", {}),
     ("static-split", {"policy.remote": [[0, 1], [1, 2], [1, 3]]}),
+    *[(name, {"policy.replan_every": 1}) for name in ("mix", "remoe", "moeless", "bayesian", "moemesh")],
 ])
 def test_mesh_tokens_equal_in_process(policy, extra, tiny_model, reference, tmp_path):
     with running_mesh(tiny_model, tmp_path, **{"policy.name": policy, **extra}) as mesh:
@@ -47,8 +48,11 @@ def test_mesh_tokens_equal_in_process(policy, extra, tiny_model, reference, tmp_
         st = asyncio.run(status(mesh.endpoints["client"]))
         engine = st["engine"]
         assert engine["fallbacks"] == 0, dump(mesh)
-        if policy == "all-local":
+        if policy in ("all-local", "mix"):
             assert engine["calls"] == 0 and not st["instances"]
+        elif policy in ("remoe", "moeless", "bayesian", "moemesh"):  # adaptive: re-planned per request
+            assert st["policy"]["name"] == policy and st["policy"]["forecast"]["source"]
+            assert all(done.record["activation"]["prefill"] for _, done in results)
         else:  # the remote path really ran: functions cold-started and served calls
             assert engine["calls"] > 0
             expected = 8 if policy == "all-remote" else 2  # one function per expert / per layer
