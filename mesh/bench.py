@@ -36,10 +36,13 @@ def _progress(step: int, total: int, what: str) -> None:
     print(f"\r[{bar:<30}] {step}/{total} {what:<48}", end="" if step < total else "\n", file=sys.stderr, flush=True)
 
 
+EXTRA: dict[str, object] = {}  # --set overrides, applied to every mesh this run starts
+
+
 def _config(spawn: str, policy: str = "all-remote"):
     return load_config(None, {
         "coordinator.client_port": 0, "coordinator.control_port": 0, "coordinator.metrics_port": 0,
-        "policy.name": policy, "functions.spawn": spawn, "functions.keep_alive_s": 120.0,
+        "policy.name": policy, "functions.spawn": spawn, "functions.keep_alive_s": 120.0, **EXTRA,
     })
 
 
@@ -149,7 +152,7 @@ def _cold_start(spawn: str, repeats: int = 3) -> dict:
     config = load_config(None, {
         "coordinator.client_port": 0, "coordinator.control_port": 0, "coordinator.metrics_port": 0,
         "policy.name": "static-split", "policy.remote": [[0, 0]], "functions.spawn": spawn,
-        "functions.keep_alive_s": 1.0,
+        **EXTRA, "functions.keep_alive_s": 1.0,
     })
     with Mesh(config, quiet=True) as mesh:
         endpoints = mesh.start(180)
@@ -216,16 +219,83 @@ def _plots(result: dict, out: Path) -> list[str]:
     return files
 
 
+POLICIES = ("all-local", "mix", "all-remote", "static-split", "remoe", "moeless", "bayesian", "moemesh")
+
+
+def policy_replay(prompts: list[str], new_tokens: int, reference: list[list[int]], out: Path,
+                  traces: str | None = None) -> dict:
+    """Every policy on the same prompt replay: tokens against the in-process engine, billed GB-s
+    (invocation mode: what the functions actually worked) and latency. Prompts run one after
+    another so plans adapt from request to request."""
+    rows = {}
+    for i, policy in enumerate(POLICIES):
+        _progress(i, len(POLICIES), f"policy {policy}")
+        overrides = {"coordinator.client_port": 0, "coordinator.control_port": 0, "coordinator.metrics_port": 0,
+                     "policy.name": policy, "policy.replan_every": 1, "billing.mode": "invocation",
+                     "policy.remote": [[layer, e] for layer in range(6) for e in range(4, 8)]}
+        if traces:
+            overrides["predictor.traces"] = traces
+        overrides.update(EXTRA)
+        with Mesh(load_config(None, overrides), quiet=True) as mesh:
+            endpoints = mesh.start(180)
+
+            async def run():
+                async with MeshClient(endpoints["client"], timeout_s=180) as client:
+                    results = []
+                    for p in prompts:
+                        gen = client.generate(p, max_new_tokens=new_tokens, stop_at_eos=False)
+                        results.append(([t.token_id async for t in gen], gen.done))
+                    return results, await client.status()
+
+            results, status = asyncio.run(run())
+        b = status["billing"]
+        rows[policy] = {
+            "tokens_identical": [r[0] for r in results] == reference,
+            "gb_s": b["gb_s"], "gb_s_experts": b["gb_s_experts"], "gb_s_main": b["gb_s_main"], "cost": b["cost"],
+            "functions": len({x["function_id"] for x in status["instances"]}),
+            "instances": len(status["instances"]), "remote_calls": status["engine"]["calls"],
+            "fallbacks": status["engine"]["fallbacks"],
+            "ttft_p50_s": statistics.median(r[1].ttft_s for r in results),
+            "tpot_p50_s": statistics.median(r[1].tpot_s for r in results),
+            "slo_met": sum(bool(r[1].record["slo"]["met"]) for r in results) / len(results),
+        }
+    _progress(len(POLICIES), len(POLICIES), "done")
+    base = rows["all-local"]["cost"]
+    for row in rows.values():
+        row["cost_vs_all_local"] = row["cost"] / base if base else None
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="moemesh bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
     ap.add_argument("--prompts", type=int, default=8, help="concurrent requests in the decode benchmark")
     ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--policies", action="store_true",
+                    help="instead: replay the prompts under every policy and compare tokens, GB-s and latency")
+    ap.add_argument("--traces", help="with --policies: a trace store the predictor learns from first")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a launch.toml key in every mesh of the run, e.g. functions.cgroups=off")
     args = ap.parse_args(argv)
+    from mesh.launcher import parse_overrides
+
+    EXTRA.update(parse_overrides(args.set))
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = job_prompts(args.prompts)
     total = 5
+    if args.policies:
+        local = _in_process_decode(prompts, args.new_tokens)
+        rows = policy_replay(prompts, args.new_tokens, local["tokens"], args.out, args.traces)
+        (args.out / "policies.json").write_text(json.dumps(rows, indent=1))
+        print(f"{'policy':<13}{'tokens':>8}{'GB-s':>10}{'experts':>10}{'cost/all-local':>16}{'fns':>5}"
+              f"{'calls':>7}{'TTFT p50':>10}{'TPOT p50':>10}{'SLO met':>9}")
+        for name, r in rows.items():
+            print(f"{name:<13}{'same' if r['tokens_identical'] else 'DIFFER':>8}{r['gb_s']:>10.3f}"
+                  f"{r['gb_s_experts']:>10.3f}{r['cost_vs_all_local']:>16.2f}{r['functions']:>5}{r['remote_calls']:>7}"
+                  f"{r['ttft_p50_s']:>9.3f}s{r['tpot_p50_s']:>9.3f}s{r['slo_met']:>9.0%}")
+        print(f"wrote {args.out / 'policies.json'}")
+        return 0 if all(r["tokens_identical"] for r in rows.values()) else 1
 
     _progress(0, total, "in-process engine")
     local = _in_process_decode(prompts, args.new_tokens)
