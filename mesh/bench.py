@@ -239,8 +239,8 @@ def policy_replay(prompts: list[str], new_tokens: int, reference: list[list[int]
         with Mesh(load_config(None, overrides), quiet=True) as mesh:
             endpoints = mesh.start(180)
 
-            async def run():
-                async with MeshClient(endpoints["client"], timeout_s=180) as client:
+            async def run(address=endpoints["client"]):
+                async with MeshClient(address, timeout_s=180) as client:
                     results = []
                     for p in prompts:
                         gen = client.generate(p, max_new_tokens=new_tokens, stop_at_eos=False)
