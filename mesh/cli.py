@@ -5,6 +5,7 @@
     moemesh status                     nodes, function instances, billing and SLOs of a running mesh
     moemesh plan --policy remoe        print the plan a policy makes for a prompt
     moemesh bench                      measure the mesh against raw ZeroMQ and the in-process engine
+    moemesh profile                    measure expert functions on this host (the allocator's profiles)
     moemesh trace --out DIR            record activation traces (in process, or through a mesh)
     moemesh predictor-eval             evaluate the predictors on activation traces
     moemesh tui                        the live dashboard
@@ -135,6 +136,12 @@ def cmd_trace(args) -> int:
     return trace_main(args.rest)
 
 
+def cmd_profile(args) -> int:
+    from mesh.profile import main as profile_main
+
+    return profile_main(args.rest)
+
+
 def cmd_predictor_eval(args) -> int:
     from predictor.evaluate import main as eval_main
 
@@ -184,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_plan)
 
     for name, func, text in (("bench", cmd_bench, "benchmarks (see `moemesh bench --help`)"),
+                             ("profile", cmd_profile, "measure expert functions on this host (see --help)"),
                              ("predictor-eval", cmd_predictor_eval, "evaluate predictors on traces"),
                              ("trace", cmd_trace, "record activation traces"),
                              ("tui", cmd_tui, "the live dashboard")):
@@ -192,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=func)
 
     argv = sys.argv[1:] if argv is None else argv
-    passthrough = {"bench": cmd_bench, "predictor-eval": cmd_predictor_eval, "tui": cmd_tui, "trace": cmd_trace}
+    passthrough = {"bench": cmd_bench, "profile": cmd_profile, "predictor-eval": cmd_predictor_eval, "tui": cmd_tui,
+                   "trace": cmd_trace}
     if argv and argv[0] in passthrough:  # these parse their own flags
         return passthrough[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = ap.parse_args(argv)

@@ -75,7 +75,7 @@ class Mesh:
                 break
             if not line and self.coordinator.poll() is not None:
                 raise MeshError(f"the coordinator exited with code {self.coordinator.returncode} before it was ready",
-                                hint="run with --log-dir DIR and read DIR/coordinator.log")
+                                hint=f"read {self.log_dir}/coordinator.log" if self.log_dir else "run with --log-dir DIR")
             if time.monotonic() > deadline:
                 raise MeshError(f"the coordinator was not ready within {timeout_s:.0f} s",
                                 hint="a big model loads slowly: raise --timeout")
@@ -106,7 +106,7 @@ class Mesh:
                 for name, proc in self.daemons.items():
                     if proc.poll() is not None:
                         raise MeshError(f"node daemon {name} exited with code {proc.returncode}",
-                                        hint="run with --log-dir DIR and read DIR/<node>.log")
+                                        hint=f"read {self.log_dir}/{name}.log" if self.log_dir else "run with --log-dir DIR")
                 if time.monotonic() > deadline:
                     raise MeshError(f"nodes {sorted(wanted - alive)} did not register in time",
                                     hint="check [[nodes]] in launch.toml and the daemons' logs (--log-dir)")
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=6, help="main job: how many prompts")
     ap.add_argument("--max-new-tokens", type=int, default=24, help="main job: tokens per prompt")
     ap.add_argument("--tui", action="store_true", help="open the dashboard once the mesh is up")
-    ap.add_argument("--log-dir", type=Path, help="write each process's log to DIR/<name>.log")
+    ap.add_argument("--log-dir", type=Path,
+                    help="write each process's log to DIR/<name>.log (default: runs/mesh-<time>/)")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the mesh to be ready")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.config)
     config = load_config(path if path.exists() else None, parse_overrides(args.set))
 
-    mesh = Mesh(config, args.log_dir, quiet=args.quiet)
+    log_dir = args.log_dir or Path("runs") / time.strftime("mesh-%Y%m%d-%H%M%S")
+    mesh = Mesh(config, log_dir, quiet=args.quiet)
     stop = {"signal": None}
 
     def on_signal(signum, _frame) -> None:
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mesh-up: {len(config.nodes)} node(s), policy {config.policy.name}, model {config.model.path}",
               file=sys.stderr)
         endpoints = mesh.start(args.timeout, _progress(args.quiet))
-        print(f"mesh is up. client address: {endpoints['client']}  metrics: {endpoints['metrics']}", flush=True)
+        print(f"mesh is up. client address: {endpoints['client']}  metrics: {endpoints['metrics']}  "
+              f"logs: {log_dir}/", flush=True)
         if args.run_main_job:
             from mesh.main_job import run_main_job
 

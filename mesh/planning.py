@@ -8,6 +8,10 @@ this module only translates, so a policy sees the same inputs in the coordinator
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from pathlib import Path
+
 import numpy as np
 
 import allocator
@@ -17,6 +21,8 @@ from allocator.profiles import Profiles
 from mesh.config import MeshConfig
 from nodes.model.config import MoEConfig
 from predictor.forecast import Forecast
+
+log = logging.getLogger("moemesh.planning")
 
 
 def model_shape(config: MoEConfig, dtype_bytes: int = 4, name: str = "") -> ModelShape:
@@ -63,9 +69,37 @@ def cluster_of(config: MeshConfig) -> Cluster:
     )
 
 
-def profiles_of(config: MeshConfig, model: MoEConfig) -> Profiles:
-    """Synthetic profiles with this model's shape, until `moemesh profile` has measured the host."""
-    return Profiles.synthetic(model_shape(model), host="local")
+def profiles_of(config: MeshConfig, model: MoEConfig, profiles_dir: str | Path | None = None) -> Profiles:
+    """The profiles `moemesh profile` stored for (this host, this model), else synthetic ones.
+
+    Looks for `<profiles_dir>/<host>/<model>.json` (profiles_dir: the checkout's profiles/ by
+    default; host: this machine's hostname, then "local"; model: the model folder's name, e.g.
+    "bundled"). The stored timings are used with this model's shape as the mesh holds it.
+    Logs which profiles the allocator gets.
+    """
+    from mesh.profile import DEFAULT_OUT, default_host, profile_path
+
+    shape = model_shape(model)
+    name = config.model.resolved_path().resolve().name
+    folder = Path(profiles_dir) if profiles_dir is not None else DEFAULT_OUT
+    for host in dict.fromkeys((default_host(), "local")):
+        path = profile_path(folder, host, name)
+        if not path.is_file():
+            continue
+        try:
+            stored = Profiles.from_json(path.read_text())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("profiles: synthetic, %s is unreadable (%s); run `moemesh profile` again", path, exc)
+            return Profiles.synthetic(shape, host="local")
+        if stored.shape.bytes_per_expert != shape.bytes_per_expert or stored.shape.hidden != shape.hidden:
+            log.warning("profiles: %s was measured with experts of %d bytes (hidden %d), the mesh holds %d "
+                        "(hidden %d); using it anyway; re-run `moemesh profile` for this model", path,
+                        stored.shape.bytes_per_expert, stored.shape.hidden, shape.bytes_per_expert, shape.hidden)
+        log.info("profiles: measured, from %s (expert curve %s)", path, stored.expert.curve.family)
+        return dataclasses.replace(stored, shape=shape)
+    log.info("profiles: synthetic (no %s; run `moemesh profile` to measure this host)",
+             profile_path(folder, default_host(), name))
+    return Profiles.synthetic(shape, host="local")
 
 
 def slo_of(config: MeshConfig, slo_class: str | None = None) -> SLO:

@@ -9,18 +9,21 @@ stop), and the expert calls go straight to each worker's data socket, as the coo
 
 1. Latency vs memory: one function per memory size (CPU share = memory_gb / gb_per_vcpu, a CFS
    quota per `--period-us`) serving one expert; `--calls` back-to-back calls of each token
-   count, the counts interleaved. Per point: round trip and the worker's compute_s (median, p90,
-   mean). The fitted quantity is the *expert time*: mean round trip minus the transport overhead
-   of that call size (below), i.e. all the time that depends on the function's size. The mean,
-   not the median: the CPU quota shows up as stalls (a throttled worker waits for the next CFS
-   period), which a median of short calls never sees, and the allocator wants expected seconds.
+   count, the counts interleaved, in --rounds rounds that each visit every size (a burst of
+   other work on the host then hits a few rounds of every size, not all of one). Per point:
+   round trip and the worker's compute_s (median, p90, mean). The fitted quantity is the
+   *expert time*: the median over rounds of the round's mean round trip, minus the transport
+   overhead of that call size (below), i.e. all the time that depends on the function's size.
+   Means, not medians, within a round: the CPU quota shows up as stalls (a throttled worker
+   waits for the next CFS period), which a median of short calls never sees, and the allocator
+   wants expected seconds; the cgroup's own throttling counters are reported beside them.
    Remoe's `a*exp(-b*y)+c` and the hyperbola `a + b/y` are both fitted (allocator.profiles,
    memory capped at --saturation-gb, default threads_per_function x gb_per_vcpu: a worker
    computes on that many threads); the one with the smaller residual standard error is stored
    unless --family picks one.
-2. Scatter-gather: round trip minus compute_s (median) at the largest memory size (never
-   throttled) against the bytes of a call (activations sent + received): a linear fit.
-3. Cold start: functions holding 1, 2, 4 experts (--cold-experts) spawned --cold-repeats times;
+2. Scatter-gather: round trip minus compute_s (median) at the sizes at or above saturation
+   (never throttled) against the bytes of a call (activations sent + received): a linear fit.
+3. Cold start: functions holding 1, 2, 4, 16 experts (--cold-experts) spawned --cold-repeats times;
    seconds from SpawnFunction to InstanceReady against the weight bytes the worker read, plus
    the worker's own stage times (spawn, limits, weights, ready): a linear fit.
 4. CFS period: the same small call (--period-tokens) at --period-memory (0.25 GB = 25 % of a
@@ -41,7 +44,6 @@ import dataclasses
 import json
 import math
 import os
-import queue
 import shutil
 import socket
 import statistics
@@ -51,10 +53,14 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
+import zmq
+from scipy.optimize import OptimizeWarning
 
 from allocator.profiles import (
     FAMILIES,
@@ -65,7 +71,29 @@ from allocator.profiles import (
     fit_linear,
     plot_fits,
 )
-from mesh.errors import MeshError
+from mesh import planning
+from mesh.config import MeshConfig, load_config
+from mesh.errors import MeshError, ProtocolError
+from mesh.protocol import (
+    ExpertCall,
+    ExpertResult,
+    InstanceReady,
+    InstanceStopped,
+    NodeHeartbeat,
+    NodeRegister,
+    Ping,
+    RegisterAck,
+    Shutdown,
+    SpawnFailed,
+    SpawnFunction,
+    StopFunction,
+    decode,
+    encode,
+)
+from nodes.limits import Cgroups
+from nodes.model.config import MoEConfig
+from nodes.procs import die_with_parent
+from nodes.worker import read_run_record
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "profiles"  # the checkout's profiles/
 HEARTBEAT_S = 0.5
@@ -130,59 +158,72 @@ class ControlPlane(threading.Thread):
 
     def __init__(self, node: str) -> None:
         super().__init__(daemon=True, name=f"control-{node}")
-        import zmq
-
-        from mesh.protocol import decode, encode
-
-        self._decode, self._encode = decode, encode
         self.node = node
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind("tcp://127.0.0.1:0")
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        # send() pushes from the caller's thread; the control thread forwards at once (a poll
+        # timeout would add up to its length to every spawn this module times).
+        inbox = f"inproc://control-{uuid.uuid4().hex}"
+        self.outbox = self.context.socket(zmq.PULL)
+        self.outbox.bind(inbox)
+        self.pusher = self.context.socket(zmq.PUSH)
+        self.pusher.setsockopt(zmq.LINGER, 0)
+        self.pusher.connect(inbox)
         self.messages: list = []
         self.cond = threading.Condition()
         self.stop = threading.Event()
 
     def run(self) -> None:
-        from mesh.errors import ProtocolError
-        from mesh.protocol import NodeRegister, Ping, RegisterAck
-
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.outbox, zmq.POLLIN)
         next_ping, seq = time.monotonic(), 0
         try:
             while not self.stop.is_set():
-                if self.sock.poll(20):
+                events = dict(poller.poll(50))
+                if self.sock in events:
                     _, *frames = self.sock.recv_multipart()
                     try:
-                        msg = self._decode(frames)
+                        msg = decode(frames)
                     except ProtocolError:
-                        continue
+                        msg = None
                     if isinstance(msg, NodeRegister):
-                        self._send(self._encode(RegisterAck(self.node, HEARTBEAT_S, LIVENESS)))
-                    with self.cond:
-                        self.messages.append(msg)
-                        self.cond.notify_all()
-                while not self.outbox.empty():
-                    self._send(self.outbox.get())
+                        self._send(encode(RegisterAck(self.node, HEARTBEAT_S, LIVENESS)))
+                    if msg is not None:
+                        with self.cond:
+                            self.messages.append(msg)
+                            self.cond.notify_all()
+                if self.outbox in events:
+                    self._send(self.outbox.recv_multipart())
                 if time.monotonic() >= next_ping:
-                    self._send(self._encode(Ping(seq)))
-                    seq, next_ping = seq + 1, next_ping + HEARTBEAT_S
+                    self._send(encode(Ping(seq)))
+                    seq, next_ping = seq + 1, time.monotonic() + HEARTBEAT_S
         finally:
             self.sock.close(linger=0)
-            self.context.term()
+            self.outbox.close(linger=0)
+
+    def close(self) -> None:
+        """Stop the thread and release the sockets (call from the thread that calls send)."""
+        self.stop.set()
+        if self.is_alive():
+            self.join(timeout=10)
+        else:
+            self.sock.close(linger=0)
+            self.outbox.close(linger=0)
+        self.pusher.close(linger=0)
+        self.context.term()
 
     def _send(self, frames) -> None:
-        import zmq
-
         try:
             self.sock.send_multipart([self.node.encode(), *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError:  # not connected (yet): the daemon registers again and is pinged then
             pass
 
     def send(self, msg) -> None:
-        self.outbox.put(self._encode(msg))
+        self.pusher.send_multipart(encode(msg))
 
     def wait_for(self, match: Callable, timeout_s: float, alive: Callable[[], bool]):
         """The first message that matches (consumed); MeshError if the daemon dies or time runs out."""
@@ -204,8 +245,6 @@ class Node:
     """A real node daemon (`python -m nodes.daemon`) with its own control plane; a context manager."""
 
     def __init__(self, config, model_path: Path, period_us: int, run_dir: Path, tag: str) -> None:
-        from mesh.config import MeshConfig
-
         self.name = f"profile{tag}-{uuid.uuid4().hex[:6]}"
         self.model_path = model_path
         self.run_dir = run_dir
@@ -223,15 +262,17 @@ class Node:
         self.seq = 0
 
     def __enter__(self) -> Node:
-        from nodes.procs import die_with_parent
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "nodes.daemon", "--node", self.name, "--control", self.control.endpoint,
-                 "--config-json", json.dumps(self.config.to_dict()), "--run-dir", str(self.run_dir)],
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: die_with_parent(None),
-            )
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "nodes.daemon", "--node", self.name, "--control", self.control.endpoint,
+                     "--config-json", json.dumps(self.config.to_dict()), "--run-dir", str(self.run_dir)],
+                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: die_with_parent(None),
+                )
+        except BaseException:
+            self.control.close()
+            raise
         self.control.start()  # after the fork: no thread to copy into the child
         return self
 
@@ -253,16 +294,12 @@ class Node:
 
     def wait_warm(self) -> None:
         """Until the daemon has registered and (spawn = "zygote") its zygote is warm."""
-        from mesh.protocol import NodeHeartbeat, NodeRegister
-
         self.wait(lambda m: isinstance(m, NodeRegister))
         if self.spawn_how == "zygote":
-            self.wait(lambda m: isinstance(m, NodeHeartbeat) and m.host.get("zygote"))
+            self.wait(lambda m: isinstance(m, NodeHeartbeat) and m.resources.get("zygote"))
 
     def spawn(self, experts: list[tuple[int, int]], memory_gb: float, cpu_share: float):
         """Start a function and wait until it serves: (InstanceReady, seconds from request to ready)."""
-        from mesh.protocol import InstanceReady, SpawnFailed, SpawnFunction
-
         self.seq += 1
         instance_id = f"{self.name}-{self.seq}"
         start = time.perf_counter()
@@ -280,15 +317,10 @@ class Node:
         return msg, elapsed
 
     def stop(self, instance_id: str) -> None:
-        from mesh.protocol import InstanceStopped, StopFunction
-
         self.control.send(StopFunction(instance_id, "requested"))
         self.wait(lambda m: isinstance(m, InstanceStopped) and m.instance_id == instance_id, 30.0)
 
     def __exit__(self, *exc) -> None:
-        from mesh.protocol import Shutdown
-        from nodes.limits import Cgroups
-
         if self.alive():
             self.control.send(Shutdown("profile done"))
             try:
@@ -297,8 +329,7 @@ class Node:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-        self.control.stop.set()
-        self.control.join(timeout=10)
+        self.control.close()
         cgroups = Cgroups(self.name, self.config.functions.cgroups)  # in case it was killed
         cgroups.sweep()
         cgroups.close()
@@ -311,9 +342,6 @@ class Caller:
     """A DEALER on one worker's data socket: timed ExpertCalls, one at a time."""
 
     def __init__(self, endpoint: str, hidden: int, dtype) -> None:
-        import torch
-        import zmq
-
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -327,10 +355,6 @@ class Caller:
 
     def call(self, layer: int, expert: int, tokens: int) -> tuple[float, float]:
         """(round trip seconds, the worker's compute_s) of one call on `tokens` rows."""
-        import torch
-
-        from mesh.protocol import ExpertCall, ExpertResult, decode, encode
-
         x = self.inputs.get(tokens)
         if x is None:
             x = self.inputs[tokens] = torch.randn(tokens, self.hidden, generator=self.generator).to(self.dtype)
@@ -357,16 +381,17 @@ class Caller:
 
 @dataclasses.dataclass
 class Settings:
-    model: str = "bundled"
+    model: str | None = None  # None: the config's [model] path ("bundled" by default)
     memory: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     tokens: tuple[int, ...] = (1, 4, 16, 64)
     calls: int = 50
+    rounds: int = 10
     period_us: int | None = None  # None: the config's [functions] cfs_period_us
     period_us_compare: int = 100_000
     period_memory: float = 0.25
     period_tokens: int = 1
     period_seconds: float = 2.0
-    cold_experts: tuple[int, ...] = (1, 2, 4)
+    cold_experts: tuple[int, ...] = (1, 2, 4, 16)
     cold_repeats: int = 3
     cold_memory: float = 1.0
     saturation_gb: float | None = None  # None: threads_per_function * gb_per_vcpu
@@ -383,36 +408,83 @@ def _cgroup_state(ready) -> dict:
             "skipped": ready.cgroup_skipped, "values": {k: v for k, v in values.items() if not k.endswith("_path")}}
 
 
-def _sweep(node: Node, s: Settings, hidden: int, dtype, gb_per_vcpu: float, progress: Progress):
-    """Latency vs (memory, tokens): per point, every call's round trip and compute_s."""
-    samples: dict[tuple[float, int], dict[str, list[float]]] = {}
-    cgroups = []
-    for memory in s.memory:
-        progress.show(f"latency: {memory:g} GB, spawning")
-        ready, _ = node.spawn([(0, 0)], memory, memory / gb_per_vcpu)
-        cgroups.append(_cgroup_state(ready))
-        caller = Caller(ready.endpoint, hidden, dtype)
-        try:
-            for tokens in s.tokens:
+def _cpu_stat(ready) -> dict[str, int]:
+    """The instance's cgroup cpu.stat (nr_periods, nr_throttled, throttled_time ns); {} if none."""
+    path = (ready.cgroup or {}).get("cpu_path")
+    if not path:
+        return {}
+    try:
+        return {k: int(v) for k, v in (line.split() for line in Path(path, "cpu.stat").read_text().splitlines())
+                if k in ("nr_periods", "nr_throttled", "throttled_time")}
+    except (OSError, ValueError):
+        return {}
+
+
+def _throttling(before: dict, after: dict) -> dict:
+    """What the CFS quota did between two cpu.stat reads (empty without a cgroup)."""
+    if not before or not after:
+        return {}
+    periods = after["nr_periods"] - before["nr_periods"]
+    throttled = after["nr_throttled"] - before["nr_throttled"]
+    return {"periods": periods, "throttled_periods": throttled,
+            "throttled_s": (after["throttled_time"] - before["throttled_time"]) / 1e9}
+
+
+def _sweep(node: Node, s: Settings, memory_sizes, token_counts, hidden: int, dtype, gb_per_vcpu: float,
+           progress: Progress):
+    """Latency vs (memory, tokens): one function per size, all warm at once.
+
+    The calls go in rounds; each round visits every size in turn with `calls / rounds` calls of
+    every token count (interleaved), so a burst of other work on the host lands in a few rounds
+    of every size instead of all of one size. Per point: every call's round trip and compute_s,
+    and each round's mean round trip (the fit takes the median of those means)."""
+    rounds = max(1, min(s.rounds, s.calls))
+    per_round = math.ceil(s.calls / rounds)
+    samples = {(m, t): {"round_trip_s": [], "compute_s": [], "round_means_s": []}
+               for m in memory_sizes for t in token_counts}
+    functions, cgroups = [], {}
+    try:
+        for memory in memory_sizes:
+            progress.show(f"latency: spawning a {memory:g} GB function")
+            ready, _ = node.spawn([(0, 0)], memory, memory / gb_per_vcpu)
+            functions.append((memory, ready, Caller(ready.endpoint, hidden, dtype)))
+            cgroups[memory] = {"memory_gb": memory, **_cgroup_state(ready), "throttling": {}}
+        for _, _, caller in functions:
+            for tokens in token_counts:
                 for _ in range(WARMUP_CALLS):
                     caller.call(0, 0, tokens)
-            points = {t: samples.setdefault((memory, t), {"round_trip_s": [], "compute_s": []}) for t in s.tokens}
-            progress.show(f"latency: {memory:g} GB, {s.calls} x {len(s.tokens)} calls")
-            for _ in range(s.calls):
-                for tokens in s.tokens:  # interleaved: drift and stalls spread over every size
-                    rt, compute = caller.call(0, 0, tokens)
-                    points[tokens]["round_trip_s"].append(rt)
-                    points[tokens]["compute_s"].append(compute)
-        finally:
+        progress.show("", advance=1)
+        for r in range(rounds):
+            progress.show(f"latency: round {r + 1}/{rounds}, {len(functions)} sizes")
+            for memory, ready, caller in functions:
+                n = min(per_round, s.calls - r * per_round)
+                if n <= 0:
+                    continue
+                before = _cpu_stat(ready)
+                times: dict[int, list[float]] = {t: [] for t in token_counts}
+                for _ in range(n):
+                    for tokens in token_counts:
+                        rt, compute = caller.call(0, 0, tokens)
+                        times[tokens].append(rt)
+                        samples[(memory, tokens)]["compute_s"].append(compute)
+                throttled = _throttling(before, _cpu_stat(ready))
+                total = cgroups[memory]["throttling"]
+                for key, value in throttled.items():
+                    total[key] = total.get(key, 0) + value
+                for tokens, rts in times.items():
+                    samples[(memory, tokens)]["round_trip_s"].extend(rts)
+                    samples[(memory, tokens)]["round_means_s"].append(float(np.mean(rts)))
+            progress.show("", advance=1)
+    finally:
+        for _, _, caller in functions:
             caller.close()
+    for _, ready, _ in functions:
         node.stop(ready.instance_id)
-        progress.show(f"latency: {memory:g} GB done", advance=1)
-    return samples, cgroups
+    return samples, list(cgroups.values())
 
 
 def _cold_starts(node: Node, s: Settings, gb_per_vcpu: float, experts_per_layer: int, layers: int,
                  progress: Progress) -> list[dict]:
-    from nodes.worker import read_run_record
 
     out = []
     for repeat in range(s.cold_repeats):
@@ -435,33 +507,40 @@ def _period_run(node: Node, s: Settings, hidden: int, dtype, gb_per_vcpu: float)
     try:
         for _ in range(WARMUP_CALLS):
             caller.call(0, 0, s.period_tokens)
+        before = _cpu_stat(ready)
         start = time.perf_counter()
         while (now := time.perf_counter()) - start < s.period_seconds:
             rt, compute = caller.call(0, 0, s.period_tokens)
             rts.append(rt)
             computes.append(compute)
             at.append(now - start)
+        throttling = _throttling(before, _cpu_stat(ready))
     finally:
         caller.close()
     node.stop(ready.instance_id)
     return {"period_us": node.config.functions.cfs_period_us, "memory_gb": s.period_memory,
             "cpu_share": s.period_memory / gb_per_vcpu, "tokens": s.period_tokens,
-            "cgroups": _cgroup_state(ready), "calls_per_s": len(rts) / s.period_seconds,
+            "cgroups": _cgroup_state(ready), "throttling": throttling, "calls_per_s": len(rts) / s.period_seconds,
             "round_trip_s": _stats(rts), "compute_s": _stats(computes),
             "trace": {"at_s": at, "round_trip_s": rts}}
 
 
-def _expert_points(samples, memory_sizes, token_counts, activation_bytes: int):
-    """Per point stats, the transport overhead per call size and the fitted expert times."""
-    largest = max(memory_sizes)
+def _expert_points(samples, memory_sizes, token_counts, activation_bytes: int, saturation_gb: float):
+    """Per point stats, the transport overhead per call size and the fitted expert times.
+
+    The overhead of a call size is the median of round trip - compute_s over the sizes at or
+    above saturation (never throttled; the largest size if none is)."""
+    unthrottled = [m for m in memory_sizes if m >= saturation_gb] or [max(memory_sizes)]
     overhead = {}
     for t in token_counts:
-        s = samples[(largest, t)]
-        overhead[t] = float(np.median(np.subtract(s["round_trip_s"], s["compute_s"])))
+        gaps = [np.subtract(samples[(m, t)]["round_trip_s"], samples[(m, t)]["compute_s"]) for m in unthrottled]
+        overhead[t] = float(np.median(np.concatenate(gaps)))
     rows = []
     for (memory, t), s in sorted(samples.items()):
         rt, compute = _stats(s["round_trip_s"]), _stats(s["compute_s"])
-        expert = max(rt["mean"] - overhead[t], compute["median"], 1e-7)
+        rt["median_of_round_means"] = float(np.median(s["round_means_s"]))
+        rt["round_means"] = s["round_means_s"]
+        expert = max(rt["median_of_round_means"] - overhead[t], compute["median"], 1e-7)
         rows.append({"memory_gb": memory, "tokens": t, "bytes": 2 * t * activation_bytes,
                      "round_trip_s": rt, "compute_s": compute, "overhead_s": overhead[t], "expert_s": expert})
     return rows, overhead
@@ -502,18 +581,12 @@ def plot_period(runs: list[dict], path: Path) -> None:
 
 def run_profile(s: Settings) -> dict:
     """Measure, fit, write the JSON and PNGs; returns what was written and measured."""
-    import torch
-
-    from mesh import planning
-    from mesh.config import load_config
-    from nodes.model.config import MoEConfig
-
-    overrides: dict[str, object] = {"model.path": s.model}
+    overrides: dict[str, object] = {"model.path": s.model} if s.model else {}
     if s.period_us is not None:
         overrides["functions.cfs_period_us"] = s.period_us
     config = load_config(s.config, overrides)
-    if s.cold_repeats < 1 or s.calls < 1 or len(set(s.memory)) < 2 or not s.tokens or not s.cold_experts:
-        raise MeshError("profile: need --calls >= 1, --cold-repeats >= 1, two or more --memory sizes, "
+    if s.cold_repeats < 1 or s.calls < 1 or s.rounds < 1 or len(set(s.memory)) < 2 or not s.tokens or not s.cold_experts:
+        raise MeshError("profile: need --calls, --rounds and --cold-repeats >= 1, two or more --memory sizes, "
                         "--tokens and --cold-experts", code="config_error", hint="see `moemesh profile --help`")
     if s.family not in ("best", *FAMILIES):
         raise MeshError(f"--family {s.family!r}: expected best or one of {', '.join(FAMILIES)}",
@@ -522,6 +595,10 @@ def run_profile(s: Settings) -> dict:
     model_name = model_path.resolve().name
     model = MoEConfig.from_file(model_path)
     shape = planning.model_shape(model, name=model_name)
+    if max(s.cold_experts) > model.num_experts * model.num_moe_layers or min(s.cold_experts) < 1:
+        raise MeshError(f"--cold-experts {','.join(map(str, s.cold_experts))}: {model_name} has "
+                        f"{model.num_experts * model.num_moe_layers} experts", code="config_error",
+                        hint="give counts from 1 to the model's number of experts")
     host = s.host or default_host()
     f = config.functions
     dtype = getattr(torch, config.model.dtype)
@@ -531,15 +608,16 @@ def run_profile(s: Settings) -> dict:
     memory = tuple(sorted(set(s.memory)))
     tokens = tuple(sorted(set(s.tokens)))
     compare = s.period_us_compare and s.period_us_compare != f.cfs_period_us
-    total = len(memory) + len(s.cold_experts) * s.cold_repeats + 2 + (2 if compare else 0)
+    total = 1 + max(1, min(s.rounds, s.calls)) + len(s.cold_experts) * s.cold_repeats + 2 + (2 if compare else 0)
     progress = Progress(total, s.quiet)
     run_dir = Path(tempfile.mkdtemp(prefix="moemesh-profile-"))
     started = time.time()
+    load_before = os.getloadavg()[0]
     try:
         progress.show(f"starting a node daemon ({f.cfs_period_us / 1000:g} ms CFS period)")
         with Node(config, model_path, f.cfs_period_us, run_dir, "a") as node:
             node.wait_warm()
-            samples, cgroups = _sweep(node, s, model.hidden_size, dtype, f.gb_per_vcpu, progress)
+            samples, cgroups = _sweep(node, s, memory, tokens, model.hidden_size, dtype, f.gb_per_vcpu, progress)
             cold = _cold_starts(node, s, f.gb_per_vcpu, model.num_experts, model.num_moe_layers, progress)
             progress.show(f"CFS period {f.cfs_period_us / 1000:g} ms: {s.period_seconds:g} s of calls")
             periods = [_period_run(node, s, model.hidden_size, dtype, f.gb_per_vcpu)]
@@ -560,11 +638,14 @@ def run_profile(s: Settings) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     progress.show("fitting")
 
-    rows, overhead = _expert_points(samples, memory, tokens, activation_bytes)
+    rows, overhead = _expert_points(samples, memory, tokens, activation_bytes, saturation)
     points = np.array([[r["memory_gb"], r["tokens"], r["expert_s"]] for r in rows])
     fit_points = points.copy()
     fit_points[:, 0] = np.minimum(fit_points[:, 0], saturation)  # the fit's objective ignores the cap
-    fit = fit_expert_latency(fit_points, saturation_gb=saturation, token_slope=None if len(tokens) > 1 else 0.0)
+    with warnings.catch_warnings():  # curve_fit's "covariance could not be estimated": errors are reported below
+        warnings.simplefilter("ignore", OptimizeWarning)
+        fit = fit_expert_latency(fit_points, saturation_gb=saturation,
+                                 token_slope=None if len(tokens) > 1 else 0.0)
     chosen = fit.best if s.family == "best" else fit.candidates[s.family]
     sg_bytes = [2 * t * activation_bytes for t in tokens]
     if len(tokens) > 1:
@@ -591,11 +672,13 @@ def run_profile(s: Settings) -> dict:
     data["measurement"] = {
         "host": host, "model": model_name, "model_path": str(model_path), "at": started,
         "duration_s": time.time() - started, "cpus": os.cpu_count(),
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "measured": list(MEASURED), "assumed": list(ASSUMED),
         "cgroups": {"enforced": enforced, "skipped": skipped, "per_memory": cgroups},
         "functions": {"gb_per_vcpu": f.gb_per_vcpu, "cfs_period_us": f.cfs_period_us,
                       "threads_per_function": f.threads_per_function, "spawn": f.spawn, "dtype": config.model.dtype},
-        "fitted_quantity": "mean round trip minus the transport overhead of the call size (seconds)",
+        "fitted_quantity": "median over rounds of the round's mean round trip, minus the transport overhead "
+                           "of the call size (seconds)",
         "saturation_gb": saturation, "chosen_family": chosen.curve.family, "family_option": s.family,
         "points": rows, "transport_overhead_s": {str(t): overhead[t] for t in tokens},
         "cold_starts": cold,
@@ -634,17 +717,30 @@ def render(result: dict) -> str:
         out += [banner, "!! CPU SHARE NOT ENFORCED: cgroup limits could not be applied, so every size ran",
                 "!! at full speed and the memory curve below is NOT the platform's.",
                 *(f"!! {why}" for why in result["skipped"]), banner]
+    load = m["load_average_1min"]
+    if max(load.values()) > 0.5 * (m["cpus"] or 1):
+        out.append(f"note: the host was busy (1-min load average {load['before']:.1f} before, {load['after']:.1f} "
+                   f"after, on {m['cpus']} CPUs): other processes' work is in these numbers")
     out.append("")
-    out.append("expert calls (one expert per function; ms; expert = mean round trip - transport overhead)")
-    out.append("  memory  vCPU  tokens   rt med   rt p90  rt mean  cmp med  cmp p90   expert"
+    out.append("expert calls, one expert per function (ms). rt: round trip; cmp: the worker's compute_s;")
+    out.append("  rt MoM: median over rounds of the round's mean round trip; expert = rt MoM - transport overhead")
+    out.append("  memory  vCPU  tokens   rt med   rt p90   rt MoM  cmp med  cmp p90   expert"
                + "".join(f" {k[:5]:>8}" for k in fit.candidates))
     for r in result["rows"]:
         cpu = r["memory_gb"] / m["functions"]["gb_per_vcpu"]
         fits = "".join(_ms(float(v.seconds(r["memory_gb"], r["tokens"]))) + " " for v in fit.candidates.values())
         out.append(f"  {r['memory_gb']:5.2f}G {cpu:5.2f} {r['tokens']:7d} {_ms(r['round_trip_s']['median'])} "
-                   f"{_ms(r['round_trip_s']['p90'])} {_ms(r['round_trip_s']['mean'])} "
+                   f"{_ms(r['round_trip_s']['p90'])} {_ms(r['round_trip_s']['median_of_round_means'])} "
                    f"{_ms(r['compute_s']['median'])} {_ms(r['compute_s']['p90'])} {_ms(r['expert_s'])} "
                    + fits.rstrip())
+    quota = []
+    for c in m["cgroups"]["per_memory"]:
+        th = c.get("throttling") or {}
+        if th:
+            quota.append(f"{c['memory_gb']:g} GB {th['throttled_periods']}/{th['periods']} periods, "
+                         f"{th['throttled_s'] * 1e3:.0f} ms")
+    if quota:
+        out.append("  throttled by the CPU quota: " + "; ".join(quota))
     out.append("")
     out.append(f"fits of expert time vs (memory, tokens), memory capped at {m['saturation_gb']:g} GB:")
     for report in fit.reports:
@@ -655,7 +751,7 @@ def render(result: dict) -> str:
                    f"  [{params}]{mark}")
     sg = profiles.scatter_gather
     out.append("")
-    out.append("scatter-gather (round trip - compute_s, median, at the largest memory):")
+    out.append(f"scatter-gather (round trip - compute_s, median, at memory >= {m['saturation_gb']:g} GB):")
     for t, seconds in m["transport_overhead_s"].items():
         out.append(f"  {int(t):4d} tokens {2 * int(t) * profiles.shape.activation_bytes:8d} B  {_ms(seconds)} ms")
     sg_report = next(r for r in profiles.reports if r.family == "scatter_gather")
@@ -679,14 +775,16 @@ def render(result: dict) -> str:
         p0 = periods[0]
         out.append(f"CFS period: back-to-back {p0['tokens']}-token calls at {p0['cpu_share']:.0%} of a vCPU "
                    f"for {periods[0]['round_trip_s']['n'] / max(p0['calls_per_s'], 1e-9):.1f} s (ms):")
-        out.append("  period     calls/s   median      p90      p99      max     mean   cgroup")
+        out.append("  period     calls/s   median      p90      p99      max     mean   throttled        cgroup")
         for p in periods:
-            rt = p["round_trip_s"]
+            rt, th = p["round_trip_s"], p["throttling"]
             applied = p["cgroups"]["values"]
             quota = (f"quota {applied['cpu_quota_us']} us / {applied['cpu_period_us']} us"
                      if "cpu_quota_us" in applied else "NOT ENFORCED")
+            throttled = (f"{th['throttled_periods']}/{th['periods']} periods, {th['throttled_s'] * 1e3:.0f} ms"
+                         if th else "-")
             out.append(f"  {p['period_us'] / 1000:5g} ms {p['calls_per_s']:10.0f} {_ms(rt['median'])} "
-                       f"{_ms(rt['p90'])} {_ms(rt['p99'])} {_ms(rt['max'])} {_ms(rt['mean'])}   {quota}")
+                       f"{_ms(rt['p90'])} {_ms(rt['p99'])} {_ms(rt['max'])} {_ms(rt['mean'])}   {throttled:<16} {quota}")
     out.append("")
     out.append(f"wrote {result['path']}")
     out.append(f"      {result['fits_png']}")
@@ -699,10 +797,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="moemesh profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Settings()
-    ap.add_argument("--model", default=d.model, help="model directory (HF layout) or 'bundled'")
+    ap.add_argument("--model", default=None,
+                    help="model directory (HF layout) or 'bundled' (default: the config's [model] path)")
     ap.add_argument("--memory", default=",".join(f"{v:g}" for v in d.memory), help="function sizes, GB")
     ap.add_argument("--tokens", default=",".join(map(str, d.tokens)), help="tokens per call")
     ap.add_argument("--calls", type=int, default=d.calls, help="calls per (memory, tokens) point")
+    ap.add_argument("--rounds", type=int, default=d.rounds,
+                    help="the calls are made in this many rounds over all sizes; the fit takes the median of round means")
     ap.add_argument("--period-us", type=int, default=None,
                     help="CFS period of the sweep (default: [functions] cfs_period_us)")
     ap.add_argument("--period-us-compare", type=int, default=d.period_us_compare,
@@ -723,6 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     settings = Settings(
         model=args.model, memory=tuple(_floats(args.memory)), tokens=tuple(_ints(args.tokens)), calls=args.calls,
+        rounds=args.rounds,
         period_us=args.period_us, period_us_compare=args.period_us_compare, period_memory=args.period_memory,
         period_tokens=args.period_tokens, period_seconds=args.period_seconds,
         cold_experts=tuple(_ints(args.cold_experts)), cold_repeats=args.cold_repeats, cold_memory=args.cold_memory,
