@@ -90,26 +90,15 @@ def _in_process_decode(prompts: list[str], new_tokens: int) -> dict:
     return {"wall_s": wall, "tokens": out, "tpot_s": tpot}
 
 
-def _echo(endpoint_queue) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind("tcp://127.0.0.1:0")
-    endpoint_queue.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
-    while True:
-        frames = sock.recv_multipart(copy=False)
-        if len(frames) == 2 and frames[1].bytes == b"stop":
-            return
-        sock.send_multipart(frames, copy=False)
-
-
 def raw_round_trip(peers: int, calls: int, nbytes: int, rounds: int = 300) -> float:
     """Mean seconds for `calls` messages totalling `nbytes`, spread over `peers` echo processes."""
+    from mesh.echo import echo
+
     q = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=_echo, args=(q,), daemon=True) for _ in range(peers)]
+    procs = [mp.get_context("spawn").Process(target=echo, args=(q,), daemon=True) for _ in range(peers)]
     for p in procs:
         p.start()
-    endpoints = [q.get(timeout=30) for _ in procs]
+    endpoints = [q.get(timeout=120) for _ in procs]
     ctx = zmq.Context()
     socks = []
     for ep in endpoints:
