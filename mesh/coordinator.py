@@ -463,7 +463,8 @@ class Coordinator:
                     last_metrics = now
                     seq += 1
                     self.meter.nodes = self._nodes_view(now)
-                    snapshot = MetricsSnapshot(seq=seq, time=now, payload={**self.meter.snapshot(), "seq": seq})
+                    snapshot = MetricsSnapshot(seq=seq, time=now, payload={**self.meter.snapshot(), "seq": seq,
+                                                                                  "interval_s": c.metrics_interval_s})
                     try:
                         await self.metrics.send_multipart(encode(snapshot), flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:

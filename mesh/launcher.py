@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tui:
             from tui.cli import main as tui_main
 
-            return tui_main(["--address", endpoints["metrics"]])
+            return tui_main(["--address", endpoints["metrics"], "--interval", str(config.coordinator.metrics_interval_s)])
         print("Ctrl-C to stop.", file=sys.stderr)
         while all(p.poll() is None for p in [mesh.coordinator, *mesh.daemons.values()]):
             time.sleep(0.5)
