@@ -121,7 +121,7 @@ class EngineLoop(threading.Thread):
                 segments.append((self.by_seq[seq.id][0], start, start + n,
                                  "prefill" if seq.cache.length == 0 else "decode"))
             start += n
-        self.executor.segments = segments
+        self.executor.set_segments(segments)
         self.executor.prune()
         start = time.perf_counter()
         try:

@@ -28,7 +28,7 @@ from mesh.errors import ProtocolError
 from mesh.functions import Instance, Registry, State
 from mesh.meter import Meter
 from mesh.protocol import ExpertCall, ExpertResult, WorkerError, decode, encode
-from nodes.model.moe import Dispatch, MoEBlock, counts_by_range, run_experts
+from nodes.model.moe import Dispatch, MoEBlock, counts_by_segment, run_experts
 
 log = logging.getLogger("moemesh.executor")
 
@@ -70,6 +70,8 @@ class MeshExecutor:
         self.segments: list[tuple[str, int, int, str]] = []
         # request id -> phase -> [layers, experts] token-slot counts (the activation traces)
         self.activations: dict[str, dict[str, torch.Tensor]] = {}
+        self._segment_of_token = torch.zeros(0, dtype=torch.long)
+        self._step_counts: torch.Tensor | None = None
         self.num_moe_layers = 0
         self.stats = {"calls": 0, "fallbacks": 0, "retries": 0, "late": 0}
         self._waited = False
@@ -139,19 +141,36 @@ class MeshExecutor:
             acc[3] += sent
         return y
 
+    def set_segments(self, segments: list[tuple[str, int, int, str]]) -> None:
+        """The step's requests: (request id, first row, end row, "prefill" | "decode")."""
+        self.flush_activations()
+        self.segments = segments
+        lengths = torch.tensor([stop - start for _, start, stop, _ in segments], dtype=torch.long)
+        self._segment_of_token = torch.repeat_interleave(torch.arange(len(segments)), lengths)  # [T]
+        self._step_counts = None
+
     def _record_activations(self, plan: Dispatch) -> None:
-        if not self.segments:
+        """One bincount per layer into the step's [requests, layers, experts] buffer."""
+        if not self.segments or len(self._segment_of_token) != plan.num_tokens:
             return
-        counts = counts_by_range(plan, [(start, stop) for _, start, stop, _ in self.segments])
-        layers = self.num_moe_layers or plan.layer + 1
-        for (rid, _, _, phase), row in zip(self.segments, counts, strict=True):
+        counts = counts_by_segment(plan, self._segment_of_token, len(self.segments))  # [requests, E]
+        if self._step_counts is None:
+            layers = self.num_moe_layers or plan.layer + 1
+            self._step_counts = torch.zeros(len(self.segments), layers, counts.shape[1], dtype=torch.long)
+        self._step_counts[:, plan.layer] += counts
+
+    def flush_activations(self) -> None:
+        """Add the finished step's counts to each request's prefill or decode matrix."""
+        if self._step_counts is None:
+            return
+        for (rid, _, _, phase), counts in zip(self.segments, self._step_counts, strict=True):
             phases = self.activations.setdefault(rid, {})
-            if phase not in phases:
-                phases[phase] = torch.zeros(layers, len(row), dtype=torch.long)
-            phases[phase][plan.layer] += row
+            phases[phase] = phases[phase] + counts if phase in phases else counts.clone()
+        self._step_counts = None
 
     def take_activation(self, request_id: str, layers: int, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(prefill, decode) [layers, experts] counts of a finished request; forgets them."""
+        self.flush_activations()
         phases = self.activations.pop(request_id, {})
         empty = torch.zeros(layers, experts, dtype=torch.long)
         return phases.get("prefill", empty), phases.get("decode", empty)

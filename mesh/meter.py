@@ -364,7 +364,11 @@ class Meter:
         with self._lock:
             now = self.clock()
             instances = []
+            stopped = [r for r in self.instances.values() if r.stopped_at is not None]
+            shown_stopped = {r.instance_id for r in sorted(stopped, key=lambda r: r.stopped_at)[-50:]}
             for rec in self.instances.values():
+                if rec.stopped_at is not None and rec.instance_id not in shown_stopped:
+                    continue  # billed still, but the feed lists only the 50 newest stopped
                 left = None
                 if rec.stopped_at is None and rec.last_used is not None:
                     left = max(0.0, rec.keep_alive_s - (now - rec.last_used))

@@ -56,12 +56,18 @@ def count(value: Any) -> str:
 
 def gb_s(value: Any) -> str:
     n = number(value)
-    return DASH if n is None else f"{n:,.1f} GB-s"
+    return DASH if n is None else f"{_size(n)} GB-s"
 
 
 def gb(value: Any) -> str:
     n = number(value)
-    return DASH if n is None else f"{n:,.1f} GB"
+    return DASH if n is None else f"{_size(n)} GB"
+
+
+def _size(n: float) -> str:
+    """One decimal, three below 1: instances are sized from 0.125 GB in 0.1 GB steps, and
+    0.125 GB shown as '0.1 GB' would be 20% off."""
+    return f"{n:.3f}" if abs(n) < 1 else f"{n:,.1f}"
 
 
 def money(value: Any, currency: Any = "USD") -> str:

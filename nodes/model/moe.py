@@ -118,15 +118,16 @@ def dispatch(layer: int, x: torch.Tensor, routing: Routing, num_experts: int) ->
     return Dispatch(layer, x[token], token, routing.weights.reshape(-1)[order], counts, tokens)
 
 
-def counts_by_range(plan: Dispatch, bounds: list[tuple[int, int]]) -> torch.Tensor:
-    """[R, E] token-slots routed to each expert from the tokens in each [start, stop) range
-    (e.g. each request's rows of a flat batch)."""
-    expert_of_row = torch.repeat_interleave(torch.arange(len(plan.counts)), plan.counts)  # [S]
-    out = torch.zeros(len(bounds), len(plan.counts), dtype=torch.long)
-    for i, (start, stop) in enumerate(bounds):
-        mine = (plan.token >= start) & (plan.token < stop)
-        out[i] = torch.bincount(expert_of_row[mine], minlength=len(plan.counts))
-    return out
+def counts_by_segment(plan: Dispatch, segment_of_token: torch.Tensor, segments: int) -> torch.Tensor:
+    """[segments, E] token-slots routed to each expert from each segment's tokens.
+
+    segment_of_token: [T] int64, which segment (e.g. request) each token of the flat batch is.
+    One bincount over (segment, expert) pairs: cheap enough for every layer of every step.
+    """
+    experts = len(plan.counts)
+    expert_of_row = torch.repeat_interleave(torch.arange(experts), plan.counts)  # [S]
+    pair = segment_of_token[plan.token] * experts + expert_of_row
+    return torch.bincount(pair, minlength=segments * experts).view(segments, experts)
 
 
 def combine(y: torch.Tensor, plan: Dispatch, dtype: torch.dtype) -> torch.Tensor:

@@ -17,9 +17,12 @@ def make_table(*columns: str, table_id: str | None = None) -> DataTable:
 
 
 def refill(table: DataTable, rows: Iterable[Row], empty: str = "nothing yet") -> None:
-    """Replace the rows; the cursor stays on the same key where that row is still there."""
+    """Replace the rows; a cursor the reader moved down stays on its key where that row is
+    still there. On the first row it stays on the first row: newest-first tables (stragglers,
+    cold starts) keep their newest rows in view, instead of scrolling after one row as newer
+    ones push it down."""
     keep = None
-    if table.row_count and table.cursor_row >= 0:
+    if table.row_count and table.cursor_row > 0:
         keep = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
     table.clear()
     keys: list[str] = []
