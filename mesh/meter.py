@@ -132,6 +132,12 @@ class Meter:
         self.main_device = "cpu"
         self.main_started_at = self.started
         self.main_busy_s = 0.0
+        self.main_since = self.started  # main memory has been main_memory_gb since then
+        self.main_gb_s_before = 0.0  # instance mode: GB-s of earlier main sizes
+        self.main_busy_gb_s = 0.0  # invocation mode: sum of memory x busy seconds
+        self.requests_total = 0
+        self.retired: dict[str, dict] = {}  # function id -> billing of instances folded away
+        self.keep_stopped = 500  # stopped instance records kept in detail
         self.baseline_main_memory_gb: float | None = None
         self.policy: dict = {}
         self.nodes: list[dict] = []
@@ -140,13 +146,18 @@ class Meter:
     # -- main function ---------------------------------------------------------------------
 
     def set_main(self, memory_gb: float, device: str = "cpu", baseline_memory_gb: float | None = None) -> None:
+        """The main function's size from now on (a re-plan may resize it; earlier time keeps its size)."""
         with self._lock:
+            now = self.clock()
+            self.main_gb_s_before += self.main_memory_gb * (now - self.main_since)
+            self.main_since = now
             self.main_memory_gb, self.main_device = memory_gb, device
             self.baseline_main_memory_gb = baseline_memory_gb
 
     def main_busy(self, seconds: float) -> None:
         with self._lock:
             self.main_busy_s += seconds
+            self.main_busy_gb_s += self.main_memory_gb * seconds
 
     # -- instances ---------------------------------------------------------------------------
 
@@ -253,6 +264,7 @@ class Meter:
 
     def request_admitted(self, request_id: str, slo_class: str, prompt_tokens: int) -> None:
         with self._lock:
+            self.requests_total += 1
             self.requests[request_id] = RequestRecord(request_id, slo_class, prompt_tokens, self.clock())
 
     def token(self, request_id: str) -> None:
@@ -307,14 +319,35 @@ class Meter:
     def _main_seconds(self, now: float) -> float:
         return (now - self.main_started_at) if self.prices.mode == "instance" else self.main_busy_s
 
+    def _main_gb_s(self, now: float) -> float:
+        if self.prices.mode == "instance":
+            return self.main_gb_s_before + self.main_memory_gb * (now - self.main_since)
+        return self.main_busy_gb_s
+
+    def _retire(self, now: float) -> None:
+        """Fold the oldest stopped instances into per-function totals, so a long-running mesh's
+        billing and snapshots stay bounded. Their GB-s, cost and calls are kept exactly."""
+        stopped = [r for r in self.instances.values() if r.stopped_at is not None]
+        if len(stopped) <= self.keep_stopped:
+            return
+        stopped.sort(key=lambda r: r.stopped_at)
+        for rec in stopped[: len(stopped) - self.keep_stopped]:
+            entry = self.retired.setdefault(rec.function_id, {"gb_s": 0.0, "cost": 0.0, "invocations": 0})
+            gb_s = self._instance_gb_s(rec, now)
+            entry["gb_s"] += gb_s
+            entry["cost"] += gb_s * (self.prices.gpu_gb_s if rec.device == "gpu" else self.prices.cpu_gb_s)
+            entry["invocations"] += rec.invocations
+            del self.instances[rec.instance_id]
+
     def billing(self) -> dict:
         with self._lock:
             return self._billing(self.clock())
 
     def _billing(self, now: float) -> dict:
-        by_function: dict[str, dict] = {}
-        experts_gb_s = 0.0
-        invocations = 0
+        self._retire(now)
+        by_function: dict[str, dict] = {k: dict(v) for k, v in self.retired.items()}
+        experts_gb_s = sum(v["gb_s"] for v in self.retired.values())
+        invocations = sum(v["invocations"] for v in self.retired.values())
         for rec in self.instances.values():
             gb_s = self._instance_gb_s(rec, now)
             experts_gb_s += gb_s
@@ -324,8 +357,8 @@ class Meter:
             entry["cost"] += gb_s * (self.prices.gpu_gb_s if rec.device == "gpu" else self.prices.cpu_gb_s)
             entry["invocations"] += rec.invocations
         main_rate = self.prices.gpu_gb_s if self.main_device.startswith("cuda") else self.prices.cpu_gb_s
-        main_gb_s = self.main_memory_gb * self._main_seconds(now)
-        requests = len(self.finished) + len(self.requests)
+        main_gb_s = self._main_gb_s(now)
+        requests = self.requests_total
         per_request = self.prices.per_million_requests / 1e6
         cost = main_gb_s * main_rate + sum(f["cost"] for f in by_function.values())
         if self.prices.mode == "invocation":
@@ -357,7 +390,7 @@ class Meter:
                 "ttft": _percentiles([r.ttft_s for r in mine if r.ttft_s is not None]),
                 "tpot": _percentiles([r.tpot_s for r in mine if r.tpot_s is not None]),
             }
-        return {"window_s": self.window_s, "requests_total": len(self.finished) + len(self.requests),
+        return {"window_s": self.window_s, "requests_total": self.requests_total,
                 "requests_active": len(self.requests), "classes": classes}
 
     def snapshot(self) -> dict:

@@ -1,0 +1,105 @@
+"""The meter's arithmetic, on a fake clock (the end-to-end ledgers are in test_mesh_billing.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mesh.meter import Meter, Prices
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def meter(mode: str, **prices) -> tuple[Meter, Clock]:
+    clock = Clock()
+    return Meter(Prices(mode=mode, **prices), {"interactive": (1.0, 0.1)}, straggler_k=3.0, clock=clock), clock
+
+
+def start(m: Meter, clock: Clock, iid: str, fn: str, memory: float, init: float = 0.5) -> None:
+    m.instance_requested(iid, fn, "n0", memory, [(0, 0)], 0, "zygote", 30.0)
+    m.instance_ready(iid, clock.now, {"spawn": init / 2, "limits": 0.0, "weights": init / 2, "ready": 0.0})
+
+
+def test_instance_mode_bills_memory_times_lifetime_and_the_main_function():
+    m, clock = meter("instance")
+    m.set_main(2.0, baseline_memory_gb=3.0)
+    start(m, clock, "a", "f", 0.5)
+    clock.now += 10
+    m.instance_stopped("a", clock.now, "idle")
+    clock.now += 5  # a stopped instance costs nothing more
+    b = m.billing()
+    assert b["gb_s_experts"] == pytest.approx(0.5 * 10)
+    assert b["gb_s_main"] == pytest.approx(2.0 * 15)
+    assert b["baseline_all_local_gb_s"] == pytest.approx(3.0 * 15)
+    assert b["cost"] == pytest.approx((5 + 30) * Prices().cpu_gb_s)
+
+
+def test_invocation_mode_bills_each_calls_own_time_rounded_up_plus_init():
+    m, clock = meter("invocation", round_ms=1.0)
+    m.set_main(1.0)
+    start(m, clock, "a", "f", 0.25, init=0.4)
+    for _ in range(3):
+        m.invocation("a", latency_s=0.010, compute_s=0.0021)  # billed 3 ms each, not the 10 ms round trip
+    m.main_busy(2.0)
+    b = m.billing()
+    assert b["gb_s_experts"] == pytest.approx(0.25 * (3 * 0.003 + 0.4))
+    assert b["gb_s_main"] == pytest.approx(1.0 * 2.0)
+    assert b["invocations"] == 3
+
+
+def test_a_resized_main_function_keeps_earlier_time_at_its_earlier_size():
+    m, clock = meter("instance")
+    m.set_main(1.0)
+    clock.now += 10
+    m.set_main(4.0)
+    clock.now += 10
+    assert m.billing()["gb_s_main"] == pytest.approx(1.0 * 10 + 4.0 * 10)
+
+
+def test_retired_instances_keep_their_billing_and_leave_the_feed():
+    m, clock = meter("instance")
+    m.keep_stopped = 2
+    for i in range(6):
+        start(m, clock, f"i{i}", f"f{i % 2}", 1.0)
+        clock.now += 1
+        m.instance_stopped(f"i{i}", clock.now, "idle")
+    b = m.billing()
+    assert b["gb_s_experts"] == pytest.approx(6.0)
+    assert b["by_function"]["f0"]["gb_s"] == pytest.approx(3.0) and b["by_function"]["f1"]["gb_s"] == pytest.approx(3.0)
+    assert len(m.snapshot()["instances"]) == 2
+
+
+def test_stragglers_are_replies_beyond_k_times_the_round_median():
+    m, _ = meter("instance")
+    flagged = m.scatter_round(3, [("a", "fa", 0.001), ("b", "fb", 0.0012), ("c", "fc", 0.010)])
+    assert [f["instance_id"] for f in flagged] == ["c"] and flagged[0]["layer"] == 3
+    assert m.scatter_round(3, [("a", "fa", 0.001), ("b", "fb", 0.0025)]) == []
+
+
+def test_slo_attainment_and_percentiles_per_class():
+    m, clock = meter("instance")
+    for i, (ttft, step) in enumerate([(0.2, 0.05), (2.0, 0.05), (0.3, 0.5)]):
+        m.request_admitted(f"r{i}", "interactive", 5)
+        clock.now += ttft
+        m.token(f"r{i}")
+        for _ in range(4):
+            clock.now += step
+            m.token(f"r{i}")
+        record = m.request_done(f"r{i}", "length")
+        assert record["ttft_s"] == pytest.approx(ttft) and record["tpot_s"] == pytest.approx(step)
+    slo = m.snapshot()["slo"]["classes"]["interactive"]
+    assert (slo["requests"], slo["attained"]) == (3, 1)  # one late first token, one slow decode
+    assert slo["ttft"]["p50"] == pytest.approx(0.3)
+
+
+def test_layer_load_imbalance():
+    m, _ = meter("instance")
+    m.layer_load(0, np.array([6, 2, 0, 0]), layers=2)
+    assert m.imbalance[0] == pytest.approx(6 / 2)
+    assert m.snapshot()["load"]["counts"] == [[6, 2, 0, 0], [0, 0, 0, 0]]
