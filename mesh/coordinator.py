@@ -34,7 +34,7 @@ from allocator.plan import FunctionSpec
 from mesh import planning
 from mesh.config import MeshConfig, ModelConfig
 from mesh.engine_loop import Admit, Cancel, EngineLoop, Failed, Finished, Token
-from mesh.errors import MeshError, ProtocolError, RequestRejected
+from mesh.errors import MeshError, ProtocolError, RequestRejected, Timeout
 from mesh.executor import MeshExecutor, ScatterSettings
 from mesh.functions import Registry, State
 from mesh.meter import Meter, Prices
@@ -124,6 +124,8 @@ class Coordinator:
         self.stopping = asyncio.Event()
         self.records: dict[str, dict] = {}
         self.prompts: dict[str, str] = {}
+        self.deadlines: dict[str, float] = {}  # request id -> when it fails with Timeout
+        self.timed_out: set[str] = set()
         self.spawn_failures: dict[tuple[str, int], tuple[int, float]] = {}  # (fn, replica) -> (count, last)
 
     # -- predictor, plans, traces ----------------------------------------------------------------
@@ -292,6 +294,7 @@ class Coordinator:
                                 seed=req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"),
                                 stop_at_eos=req.stop_at_eos)
         self.clients[req.request_id] = identity
+        self.deadlines[req.request_id] = time.time() + self.config.coordinator.request_timeout_s
         self.meter.request_admitted(req.request_id, slo_class, len(ids))
         features = prompt_features(self.model, ids, req.max_new_tokens, req.prompt)
         self.features[req.request_id] = features
@@ -310,8 +313,20 @@ class Coordinator:
                 self.meter.token(event.request_id)
                 await self._reply(identity, TokenEvent(request_id=event.request_id, index=event.index,
                                                        token_id=event.token_id, text=event.text))
+            elif isinstance(event, Finished) and event.request_id in self.timed_out and \
+                    event.finish_reason == "cancelled":
+                del self.clients[event.request_id]
+                self.timed_out.discard(event.request_id)
+                self.deadlines.pop(event.request_id, None)
+                self._keep_record(self.meter.request_done(event.request_id, "timeout"))
+                limit = self.config.coordinator.request_timeout_s
+                await self._reply(identity, error_reply_for(Timeout(
+                    f"request {event.request_id} ran past coordinator.request_timeout_s = {limit:g} s "
+                    f"after {event.generated_tokens} tokens"), event.request_id))
             elif isinstance(event, Finished):
                 del self.clients[event.request_id]
+                self.deadlines.pop(event.request_id, None)
+                self.timed_out.discard(event.request_id)
                 record = self.meter.request_done(event.request_id, event.finish_reason)
                 if event.activation is not None:
                     record["activation"] = {"prefill": event.activation[0].tolist(),
@@ -324,6 +339,7 @@ class Coordinator:
                     ttft_s=record.get("ttft_s") or 0.0, tpot_s=record.get("tpot_s") or 0.0, record=record))
             elif isinstance(event, Failed):
                 del self.clients[event.request_id]
+                self.deadlines.pop(event.request_id, None)
                 self.features.pop(event.request_id, None)
                 self.prompts.pop(event.request_id, None)
                 self._keep_record(self.meter.request_done(event.request_id, "error"))
@@ -459,6 +475,10 @@ class Coordinator:
                             await self._to_node(node.name, Ping(seq=seq))
                 if self.clients:
                     self._warm()  # replace instances that died mid-request
+                for rid, deadline in list(self.deadlines.items()):
+                    if now > deadline and rid not in self.timed_out:
+                        self.timed_out.add(rid)  # the engine cancels it; _events answers Timeout
+                        self.loop_thread.inbox.put(Cancel(rid))
                 if now - last_metrics >= c.metrics_interval_s:
                     last_metrics = now
                     seq += 1

@@ -184,8 +184,10 @@ class MeshExecutor:
         """Split a function's rows into calls of at most micro_batch_tokens rows and the payload cap."""
         row_bytes = plan.x.shape[1] * plan.x.element_size()
         cap = max(1, self.settings.payload_cap_bytes // row_bytes - 1)
-        if self.settings.micro_batch_tokens:
-            cap = min(cap, self.settings.micro_batch_tokens)
+        per_layer = self.registry.plan.micro_batch_tokens if self.registry.plan else ()
+        micro = per_layer[plan.layer] if plan.layer < len(per_layer) else self.settings.micro_batch_tokens
+        if micro:  # the plan's per-layer knob, else policy.micro_batch_tokens
+            cap = min(cap, micro)
         chunks: list[Chunk] = []
         ids: list[int] = []
         counts: list[int] = []
