@@ -104,10 +104,11 @@ class Coordinator:
         self.traces = self._open_traces()
         self.features: dict[str, object] = {}  # request id -> PromptFeatures, until it finishes
         self.since_plan = 0
-        self.plan = planning.make_plan(config, self.model.config)
+        self.profiles = planning.profiles_of(config, self.model.config)  # read once
+        self.plan = planning.make_plan(config, self.model.config, profiles=self.profiles)
         self.registry.set_plan(self.plan)
         self.meter.set_main(self.plan.main.memory_gb, self.plan.main.device,
-                            planning.all_local_main_gb(config, self.model.config))
+                            planning.all_local_main_gb(config, self.model.config, self.profiles))
         self.meter.policy = planning.describe(self.plan)
         settings = ScatterSettings(
             call_timeout_s=config.policy.call_timeout_s, retries=config.policy.retries,
@@ -168,7 +169,8 @@ class Coordinator:
         warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
         try:
             plan = planning.make_plan(self.config, self.model.config, forecast,
-                                      Workload(max(1, prompt_tokens), max(1, new_tokens)), warm=warm)
+                                      Workload(max(1, prompt_tokens), max(1, new_tokens)), warm=warm,
+                                      profiles=self.profiles)
         except Exception as exc:  # a policy that cannot plan keeps the plan in force
             log.warning("policy %s could not plan (%s); keeping the plan in force", self.config.policy.name, exc)
             return
@@ -247,12 +249,13 @@ class Coordinator:
         while True:
             identity, *frames = await self.frontend.recv_multipart(copy=False)
             identity = identity.bytes
+            msg = None
             try:
                 msg = decode(frames)
                 await self._client_message(identity, msg)
             except MeshError as exc:  # ProtocolError, RequestRejected: the caller gets it typed
                 log.warning("client %r: %s", identity, exc)
-                await self._reply(identity, error_reply_for(exc, getattr(locals().get("msg"), "request_id", None)))
+                await self._reply(identity, error_reply_for(exc, getattr(msg, "request_id", None)))
             except Exception as exc:  # never let one bad message take the coordinator down
                 log.exception("client message failed")
                 await self._reply(identity, error_reply_for(exc))
@@ -263,7 +266,7 @@ class Coordinator:
         elif isinstance(msg, StatusRequest):
             await self._reply(identity, StatusReply(status=self.status()))
         elif isinstance(msg, GenerateRequest):
-            self._admit(identity, msg)
+            await self._admit(identity, msg)
         elif isinstance(msg, CancelRequest):
             if msg.request_id in self.clients:
                 self.loop_thread.inbox.put(Cancel(msg.request_id))
@@ -271,7 +274,7 @@ class Coordinator:
             raise RequestRejected(f"{type(msg).__name__} is not a client message",
                                   code="bad_request", hint="send GenerateRequest, CancelRequest, StatusRequest or Ping")
 
-    def _admit(self, identity: bytes, req: GenerateRequest) -> None:
+    async def _admit(self, identity: bytes, req: GenerateRequest) -> None:
         slo_class = self.config.slo.default_class if req.slo_class == "default" else req.slo_class
         if slo_class not in self.config.slo.classes:
             raise RequestRejected(f"unknown SLO class {req.slo_class!r}", code="unknown_slo_class",
@@ -299,7 +302,8 @@ class Coordinator:
         features = prompt_features(self.model, ids, req.max_new_tokens, req.prompt)
         self.features[req.request_id] = features
         self.prompts[req.request_id] = req.prompt
-        self._replan(features, len(ids), req.max_new_tokens)
+        if self.adaptive:  # planning off the event loop: sockets and heartbeats keep flowing
+            await asyncio.to_thread(self._replan, features, len(ids), req.max_new_tokens)
         self._warm()  # cold starts overlap the prompt's first layers
         self.loop_thread.inbox.put(Admit(req.request_id, ids, params))
 

@@ -108,8 +108,9 @@ def slo_of(config: MeshConfig, slo_class: str | None = None) -> SLO:
 
 
 def make_plan(config: MeshConfig, model: MoEConfig, forecast: Forecast | None = None,
-              workload: Workload | None = None, warm=()) -> Plan:
-    profiles = profiles_of(config, model)
+              workload: Workload | None = None, warm=(), profiles: Profiles | None = None) -> Plan:
+    """Run the configured policy (profiles: pass them to skip reading the stored ones again)."""
+    profiles = profiles or profiles_of(config, model)
     shape = profiles.shape
     workload = workload or Workload(prompt_tokens=64, new_tokens=32)
     if forecast is None:
@@ -123,9 +124,9 @@ def make_plan(config: MeshConfig, model: MoEConfig, forecast: Forecast | None = 
     return allocator.make_plan(name, forecast, profiles, slo_of(config), cluster_of(config), workload, **options)
 
 
-def all_local_main_gb(config: MeshConfig, model: MoEConfig) -> float:
+def all_local_main_gb(config: MeshConfig, model: MoEConfig, profiles: Profiles | None = None) -> float:
     """Main-function memory of the serverful baseline (every expert resident), for the meter."""
-    profiles = profiles_of(config, model)
+    profiles = profiles or profiles_of(config, model)
     shape = profiles.shape
     workload = Workload(prompt_tokens=64, new_tokens=32)
     forecast = Forecast.uniform(shape.moe_layers, shape.experts_per_layer, workload.total_tokens, shape.top_k)
