@@ -124,7 +124,7 @@ class MeshExecutor:
                     fallback.append(chunk)
 
         if local:  # overlap: local experts compute while remote calls are in flight
-            y += run_experts(block.experts, plan, local)
+            run_experts(block.experts, plan, local, out=y)  # disjoint rows: written in place
 
         replies = self._gather(plan, layer, pending, y, fallback)
         for chunk in fallback:  # computed from the main model's copy: same rows, same maths

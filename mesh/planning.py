@@ -152,11 +152,3 @@ def describe(plan: Plan, forecast: Forecast | None = None) -> dict:
         },
         "estimate": plan.params.get("estimate"),
     }
-
-
-def remote_share(plan: Plan, layers: int, experts: int) -> np.ndarray:
-    """[layers, experts] 1 where remote, 0 where local (for displays)."""
-    out = np.zeros((layers, experts))
-    for layer, e in plan.remote_experts():
-        out[layer, e] = 1
-    return out

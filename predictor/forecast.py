@@ -17,7 +17,7 @@ class PromptFeatures:
 
     token_ids:        [n_prompt] int64 prompt token ids
     token_embeddings: [n_prompt, d] float32, the model's input-embedding rows of the prompt
-    embedding:        [d] float32, the prompt's mean hidden state (or a sentence embedding)
+    embedding:        [d] float32, the prompt's mean input embedding (or a sentence embedding)
     expected_new_tokens: how many tokens the request will decode (its max_new_tokens)
     """
 

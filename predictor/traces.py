@@ -11,7 +11,7 @@ Each record line holds plain fields (``request_id``, ``prompt_text``, ``new_toke
 encoded as ``{"dtype": "<i8", "shape": [L, E], "data": "<base64 of little-endian bytes>"}``:
 
     token_ids        [n_prompt]              int64
-    embedding        [d]                     float32  prompt's mean hidden state / sentence embedding
+    embedding        [d]                     float32  the prompt's mean input embedding (or a sentence embedding)
     prefill          [L, E]                  int64    prompt token-slots routed per expert
     decode           [L, E]                  int64    generated token-slots routed per expert
     token_embeddings [n_prompt, d]           float32  optional: input-embedding rows (SPS)

@@ -85,15 +85,3 @@ class MoEModel(nn.Module):
         if not all_logits:
             x = x[torch.tensor([s.start + s.length - 1 for s in segments])]  # [S, H]
         return self.lm_head(self.model.norm(x))
-
-    def hidden_means(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[H] mean final hidden state of a prompt: the prompt embedding the predictors use."""
-        cache = self.new_cache()
-        seg = [Segment(0, len(input_ids), cache)]
-        with torch.inference_mode():
-            positions = positions_of(seg)
-            x = self.model.embed_tokens(input_ids)
-            executor = LocalExecutor()
-            for layer in self.model.layers:
-                x = layer(x, seg, positions, executor)
-            return self.model.norm(x).mean(0)

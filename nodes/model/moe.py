@@ -104,10 +104,6 @@ class Dispatch:
     def active_experts(self) -> list[int]:
         return torch.nonzero(self.counts).flatten().tolist()
 
-    def rows_of(self, expert: int) -> slice:
-        offsets = self.offsets
-        return slice(offsets[expert], offsets[expert + 1])
-
 
 def dispatch(layer: int, x: torch.Tensor, routing: Routing, num_experts: int) -> Dispatch:
     tokens, k = routing.experts.shape
@@ -137,9 +133,10 @@ def combine(y: torch.Tensor, plan: Dispatch, dtype: torch.dtype) -> torch.Tensor
     return out.index_add_(0, plan.token, weighted)
 
 
-def run_experts(experts: nn.ModuleList | dict, plan: Dispatch, expert_ids: list[int] | None = None) -> torch.Tensor:
-    """Compute the given experts' rows in this process. Rows of other experts stay zero."""
-    y = torch.zeros_like(plan.x)
+def run_experts(experts: nn.ModuleList | dict, plan: Dispatch, expert_ids: list[int] | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Compute the given experts' rows in this process, into `out` (default: zeros) [S, H]."""
+    y = torch.zeros_like(plan.x) if out is None else out
     offsets = plan.offsets
     for e in plan.active_experts() if expert_ids is None else expert_ids:
         rows = slice(offsets[e], offsets[e + 1])
