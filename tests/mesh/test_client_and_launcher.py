@@ -29,7 +29,7 @@ def test_unreachable_coordinator_is_mesh_unavailable_with_a_hint():
 
 def test_rejections_cancellation_timeout_and_the_sync_wrapper(tiny_model, reference, tmp_path):
     with running_mesh(tiny_model, tmp_path, **{"policy.name": "all-local",
-                                               "coordinator.request_timeout_s": 3.0}) as mesh:
+                                               "coordinator.request_timeout_s": 8.0}) as mesh:
         address = mesh.endpoints["client"]
 
         async def run():
