@@ -132,8 +132,10 @@ def all_remote(
     *,
     warm: Sequence[WarmInstance] = (),
     memory_gb: float | None = None,
+    replicas: int = 1,
 ) -> Plan:
-    """One function per expert at one fixed size (default the grid maximum), no replicas."""
+    """One function per expert at one fixed size (default the grid maximum), ``replicas``
+    instances each (default 1: LambdaML has none)."""
     check_inputs(forecast, profiles, workload)
     grid = cluster.grid
     size = grid.round_down(grid.maximum_gb) if memory_gb is None else grid.round_up(memory_gb)
@@ -141,7 +143,7 @@ def all_remote(
     if size < need:
         raise ValueError(f"all-remote: {size} GB < {need:.3f} GB one expert needs")
     functions = [
-        FunctionSpec(f"L{layer}-E{e}", ((layer, e),), size) for layer, e in _every_expert(profiles)
+        FunctionSpec(f"L{layer}-E{e}", ((layer, e),), size, replicas) for layer, e in _every_expert(profiles)
     ]
     main = MainSpec(main_memory_gb(0, profiles, cluster, workload), cluster.main.kind)
     params = {
@@ -165,8 +167,10 @@ def static_split(
     remote: Iterable[Expert],
     warm: Sequence[WarmInstance] = (),
     memory_gb: float = 1.0,
+    replicas: int = 1,
 ) -> Plan:
-    """The given ``remote`` experts in one function per layer (``memory_gb``, or more if needed)."""
+    """The given ``remote`` experts in one function per layer (``memory_gb``, or more if needed),
+    ``replicas`` instances of each."""
     check_inputs(forecast, profiles, workload)
     shape, grid = profiles.shape, cluster.grid
     chosen = [(int(layer), int(e)) for layer, e in remote]
@@ -187,7 +191,7 @@ def static_split(
         need = function_required_gb(experts, profiles, workload)
         if need <= grid.maximum_gb:
             size = grid.round_up(max(need, memory_gb))
-            functions.append(FunctionSpec(f"L{layer}-r0", tuple(experts), size))
+            functions.append(FunctionSpec(f"L{layer}-r0", tuple(experts), size, replicas))
             continue
         size = grid.round_down(grid.maximum_gb)
         per_function = experts_fitting(size, profiles, workload)
@@ -195,7 +199,7 @@ def static_split(
             raise ValueError(f"static-split: one expert does not fit {size} GB")
         for part in range(math.ceil(len(experts) / per_function)):
             chunk = experts[part * per_function : (part + 1) * per_function]
-            functions.append(FunctionSpec(f"L{layer}-r{part}", tuple(chunk), size))
+            functions.append(FunctionSpec(f"L{layer}-r{part}", tuple(chunk), size, replicas))
     local = set(_every_expert(profiles)) - set(chosen)
     main = MainSpec(main_memory_gb(len(local), profiles, cluster, workload), cluster.main.kind)
     params = {

@@ -175,7 +175,7 @@ def _branches(plan: Plan, cluster: Cluster) -> _Branches:
             f"plan {plan.policy}: local_experts_device {local_device!r} not in {LOCAL_EXPERTS_DEVICES}"
         )
     local_gpu = local_device == "main" and plan.main.device == "gpu"
-    main_speed = min(plan.main.memory_gb, cluster.speed_cap_gb((cluster.main_node,)))
+    main_speed = cluster.main_speed(plan.main.memory_gb)
     rows: list[tuple[int, bool, bool, float, int, int]] = []
     entries: list[tuple[int, int, int]] = []
 

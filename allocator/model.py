@@ -240,6 +240,8 @@ class Cluster:
     grid:                allowed function memory sizes
     prices:              prices and billing rules
     payload_limit_bytes: largest activation payload of one call (Remoe's U_payload; AWS 6 MB)
+    main_speed_gb:       the CPU the main function really computes with, as GB of share
+                         (threads x gb_per_vcpu); None: as much as its memory buys
     """
 
     nodes: tuple[Node, ...]
@@ -247,6 +249,7 @@ class Cluster:
     grid: MemoryGrid = field(default_factory=MemoryGrid)
     prices: Prices = field(default_factory=Prices)
     payload_limit_bytes: float = AWS_SYNC_PAYLOAD_BYTES
+    main_speed_gb: float | None = None
 
     def __post_init__(self) -> None:
         names = [n.name for n in self.nodes]
@@ -267,6 +270,12 @@ class Cluster:
     @property
     def main(self) -> Node:
         return self.node(self.main_node)
+
+    def main_speed(self, memory_gb: float) -> float:
+        """CPU share (as GB) the main function computes with when it holds ``memory_gb``."""
+        if self.main_speed_gb is not None:
+            return self.main_speed_gb
+        return min(memory_gb, self.speed_cap_gb((self.main_node,)))
 
     def speed_cap_gb(self, node_names: tuple[str, ...]) -> float:
         """Memory above which more memory buys no CPU: smallest cpus * gb_per_vcpu of the nodes."""

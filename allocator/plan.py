@@ -51,6 +51,7 @@ class Plan:
 
     micro_batch_tokens: per MoE layer, tokens per scatter call (0 = no split beyond the payload cap)
     params: the policy's inputs and reasons (forecast summary, constraints, chosen sizes), for the record
+    capacity_factor: expert capacity for token dropping (allocator.capacity.capacity_drop); 0 = drop nothing
     """
 
     policy: str
@@ -59,6 +60,7 @@ class Plan:
     functions: tuple[FunctionSpec, ...]
     micro_batch_tokens: tuple[int, ...] = ()
     params: dict = field(default_factory=dict)
+    capacity_factor: float = 0.0
 
     def remote_experts(self) -> set[Expert]:
         return {e for f in self.functions for e in f.experts}

@@ -106,7 +106,6 @@ def _preallocate(
     latency, transfer, D = profiles.expert, profiles.scatter_gather, shape.activation_bytes
     prefill_slots = workload.prompt_tokens * top_k
     decode_slots = workload.new_tokens * top_k
-    speed_cap = cluster.speed_cap_gb((cluster.main_node,))
     best: Preallocation | None = None
     for local_count in range(experts + 1):
         remote_count = experts - local_count
@@ -116,7 +115,7 @@ def _preallocate(
             )
         except ValueError:
             break  # the main node cannot hold more local experts
-        main_speed = min(memory, speed_cap)
+        main_speed = cluster.main_speed(memory)
         remote_pre = worst_case_slots(remote_count, prefill_slots, experts, hoeffding)
         local_pre = worst_case_slots(local_count, prefill_slots, experts, hoeffding)
         remote_prefill = _work(latency, remote_max_gb, remote_count, remote_pre)
@@ -181,7 +180,7 @@ def _replicas(
     layers, experts, top_k = shape.moe_layers, shape.experts_per_layer, shape.top_k
     prices, transfer, D = cluster.prices, profiles.scatter_gather, shape.activation_bytes
     prefill_slots = workload.prompt_tokens * top_k
-    main_speed = min(preallocation.memory_gb, cluster.speed_cap_gb((cluster.main_node,)))
+    main_speed = cluster.main_speed(preallocation.memory_gb)
     upper_slots = hoeffding * math.sqrt(prefill_slots) + prefill_slots / experts  # Thm 4's N_up
     remote_layers = [layer for layer in range(layers) if remote_mask[layer].any()]
     weights, members, minimum, maximum, capacity, replica_cost, local_time = (

@@ -1,6 +1,7 @@
 """`moemesh bench`: the mesh measured against its baselines, all in one run on this machine.
 
     moemesh bench [--out bench-out] [--prompts 8] [--new-tokens 24]
+    moemesh bench --http       instead: the HTTP front end against the SDK (mesh/bench_http.py)
 
 1. decode: TPOT of the mesh (all-remote: every expert a function) against the in-process engine
    on the same prompts and batch (continuous batching in both).
@@ -29,6 +30,7 @@ from mesh.client import MeshClient
 from mesh.config import load_config
 from mesh.launcher import Mesh
 from mesh.main_job import job_prompts
+from mesh.sockets import harden
 
 
 def _progress(step: int, total: int, what: str) -> None:
@@ -64,7 +66,7 @@ async def _mesh_decode(address: str, prompts: list[str], new_tokens: int) -> dic
 def _in_process_decode(prompts: list[str], new_tokens: int) -> dict:
     import torch
 
-    from mesh.coordinator import resolve_model_path
+    from mesh.config import resolve_model_path
     from nodes.model.checkpoint import Checkpoint
     from nodes.model.engine import Engine, SamplingParams
     from nodes.model.tokenizer import Tokenizer
@@ -103,6 +105,7 @@ def raw_round_trip(peers: int, calls: int, nbytes: int, rounds: int = 300) -> fl
     socks = []
     for ep in endpoints:
         s = ctx.socket(zmq.DEALER)
+        harden(s, "data", connect=ep)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(ep)
         socks.append(s)
@@ -238,6 +241,10 @@ def policy_replay(prompts: list[str], new_tokens: int, reference: list[list[int]
 
             results, status = asyncio.run(run())
         b = status["billing"]
+        estimates = [r[1].record.get("estimate") for r in results]
+        known = [e for e in estimates if e]
+        est_gb_s = sum(e["billed_gb_s"] for e in known) if len(known) == len(estimates) else None
+        est_tpot = statistics.median(e["tpot_s"] for e in known) if known else None
         rows[policy] = {
             "tokens_identical": [r[0] for r in results] == reference,
             "gb_s": b["gb_s"], "gb_s_experts": b["gb_s_experts"], "gb_s_main": b["gb_s_main"], "cost": b["cost"],
@@ -247,6 +254,11 @@ def policy_replay(prompts: list[str], new_tokens: int, reference: list[list[int]
             "ttft_p50_s": statistics.median(r[1].ttft_s for r in results),
             "tpot_p50_s": statistics.median(r[1].tpot_s for r in results),
             "slo_met": sum(bool(r[1].record["slo"]["met"]) for r in results) / len(results),
+            "estimate_gb_s": est_gb_s, "estimate_tpot_p50_s": est_tpot,
+            "estimate_vs_meter_gb_s": est_gb_s / b["gb_s"] if est_gb_s and b["gb_s"] else None,
+            "estimate_vs_meter_tpot": (est_tpot / statistics.median(r[1].tpot_s for r in results)
+                                       if est_tpot else None),
+            "data_plane": status.get("data_plane"), "main": status.get("main"),
         }
     _progress(len(POLICIES), len(POLICIES), "done")
     base = rows["all-local"]["cost"]
@@ -264,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", action="store_true",
                     help="instead: replay the prompts under every policy and compare tokens, GB-s and latency")
     ap.add_argument("--traces", help="with --policies: a trace store the predictor learns from first")
+    ap.add_argument("--http", action="store_true",
+                    help="instead: TTFT and TPOT through the HTTP front end against the SDK, same prompts (http.json)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a launch.toml key in every mesh of the run, e.g. functions.cgroups=off")
     args = ap.parse_args(argv)
@@ -273,16 +287,28 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = job_prompts(args.prompts)
     total = 5
+    if args.http:
+        from mesh.bench_http import http_vs_sdk
+
+        result = http_vs_sdk(_config("zygote"), prompts, args.new_tokens, args.out)
+        return 0 if result["text_identical"] else 1
     if args.policies:
         local = _in_process_decode(prompts, args.new_tokens)
         rows = policy_replay(prompts, args.new_tokens, local["tokens"], args.out, args.traces)
         (args.out / "policies.json").write_text(json.dumps(rows, indent=1))
-        print(f"{'policy':<13}{'tokens':>8}{'GB-s':>10}{'experts':>10}{'cost/all-local':>16}{'fns':>5}"
-              f"{'calls':>7}{'TTFT p50':>10}{'TPOT p50':>10}{'SLO met':>9}")
+        print(f"{'policy':<13}{'tokens':>8}{'GB-s':>10}{'est GB-s':>10}{'est/meter':>10}{'experts':>10}"
+              f"{'cost/all-local':>16}{'fns':>5}{'calls':>7}{'TTFT p50':>10}{'TPOT p50':>10}{'est TPOT':>10}"
+              f"{'SLO met':>9}")
+
+        def num(v, fmt):
+            return format(v, fmt) if v is not None else "n/a"
+
         for name, r in rows.items():
             print(f"{name:<13}{'same' if r['tokens_identical'] else 'DIFFER':>8}{r['gb_s']:>10.3f}"
+                  f"{num(r['estimate_gb_s'], '.3f'):>10}{num(r['estimate_vs_meter_gb_s'], '.2f'):>10}"
                   f"{r['gb_s_experts']:>10.3f}{r['cost_vs_all_local']:>16.2f}{r['functions']:>5}{r['remote_calls']:>7}"
-                  f"{r['ttft_p50_s']:>9.3f}s{r['tpot_p50_s']:>9.3f}s{r['slo_met']:>9.0%}")
+                  f"{r['ttft_p50_s']:>9.3f}s{r['tpot_p50_s']:>9.3f}s{num(r['estimate_tpot_p50_s'], '.3f'):>9}s"
+                  f"{r['slo_met']:>9.0%}")
         print(f"wrote {args.out / 'policies.json'}")
         return 0 if all(r["tokens_identical"] for r in rows.values()) else 1
 

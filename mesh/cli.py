@@ -9,6 +9,9 @@
     moemesh trace --out DIR            record activation traces (in process, or through a mesh)
     moemesh predictor-eval             evaluate the predictors on activation traces
     moemesh tui                        the live dashboard
+    moemesh keys --out DIR --name NAME make a CURVE key pair for [security] (NAME.public, NAME.secret)
+    moemesh workload poisson --out F   write a workload file (Azure trace window, Poisson, Gamma)
+    moemesh compare --workload F       every chosen policy on one workload file, against a real mesh
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def cmd_ask(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mesh.coordinator import resolve_model_path
+    from mesh.config import resolve_model_path
     from nodes.model.checkpoint import Checkpoint
     from nodes.model.engine import Engine, SamplingParams
     from nodes.model.tokenizer import StreamDecoder, Tokenizer
@@ -108,8 +111,7 @@ def cmd_plan(args) -> int:
     from allocator.model import Workload
     from allocator.render import render_plan
     from mesh import planning
-    from mesh.config import load_config
-    from mesh.coordinator import resolve_model_path
+    from mesh.config import load_config, resolve_model_path
     from nodes.model.config import MoEConfig
     from nodes.model.tokenizer import Tokenizer
 
@@ -120,7 +122,7 @@ def cmd_plan(args) -> int:
     tokens = len(Tokenizer.from_dir(path).encode(args.prompt))
     workload = Workload(prompt_tokens=max(1, tokens), new_tokens=args.max_new_tokens)
     plan = planning.make_plan(config, model, workload=workload)
-    print(render_plan(plan, planning.model_shape(model)))
+    print(render_plan(plan, planning.model_shape(model, planning.dtype_bytes(config))))
     return 0
 
 
@@ -148,10 +150,50 @@ def cmd_predictor_eval(args) -> int:
     return eval_main(args.rest)
 
 
+def cmd_workload(args) -> int:
+    from mesh.workload import main as workload_main
+
+    return workload_main(args.rest)
+
+
+def cmd_compare(args) -> int:
+    from mesh.compare import main as compare_main
+
+    return compare_main(args.rest)
+
+
 def cmd_tui(args) -> int:
     from tui.cli import main as tui_main
 
     return tui_main(args.rest)
+
+
+def cmd_keys(args) -> int:
+    from mesh.errors import ConfigError
+
+    if args.bench:
+        from mesh.security_bench import main as bench_main
+
+        return bench_main(["--frames", str(args.bench_frames)])
+    if not args.out:
+        print("moemesh keys: --out DIR is required (or --bench)", file=sys.stderr)
+        return 2
+    from mesh.security import make_keys
+
+    try:
+        for name in args.name or ["coordinator"]:
+            public, secret = make_keys(args.out, name, force=args.force)
+            print(f"{name}: {public} (share it), {secret} (mode 0600: keep it on its host)")
+    except ConfigError as exc:
+        print(f"moemesh keys: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from nodes.synth.cli import run as synth_run
+
+    return synth_run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,18 +232,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="launch.toml")
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("keys", help="make CURVE key pairs for [security] in launch.toml")
+    p.add_argument("--out", help="folder for the key files (security.keys_dir)")
+    p.add_argument("--name", action="append",
+                   help="key pair name (repeatable): coordinator, client, or a [[hosts]] name "
+                   "(default: coordinator)")
+    p.add_argument("--force", action="store_true", help="replace an existing pair")
+    p.add_argument("--bench", action="store_true",
+                   help="instead: measure CURVE's throughput cost on 8 KiB frames (loopback)")
+    p.add_argument("--bench-frames", type=int, default=20000, help="frames per --bench run")
+    p.set_defaults(func=cmd_keys)
+
+    from nodes.synth.cli import HELP as SYNTH_HELP
+    from nodes.synth.cli import add_arguments as synth_arguments
+
+    p = sub.add_parser("synth", help="write a synthetic checkpoint with a real model's per-layer shapes",
+                       description=SYNTH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    synth_arguments(p)
+    p.set_defaults(func=cmd_synth)
+
     for name, func, text in (("bench", cmd_bench, "benchmarks (see `moemesh bench --help`)"),
                              ("profile", cmd_profile, "measure expert functions on this host (see --help)"),
                              ("predictor-eval", cmd_predictor_eval, "evaluate predictors on traces"),
                              ("trace", cmd_trace, "record activation traces"),
-                             ("tui", cmd_tui, "the live dashboard")):
+                             ("tui", cmd_tui, "the live dashboard"),
+                             ("workload", cmd_workload, "write a workload file (see --help)"),
+                             ("compare", cmd_compare, "policies on one workload against a real mesh (see --help)")):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=func)
 
     argv = sys.argv[1:] if argv is None else argv
     passthrough = {"bench": cmd_bench, "profile": cmd_profile, "predictor-eval": cmd_predictor_eval, "tui": cmd_tui,
-                   "trace": cmd_trace}
+                   "trace": cmd_trace, "workload": cmd_workload, "compare": cmd_compare}
     if argv and argv[0] in passthrough:  # these parse their own flags
         return passthrough[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = ap.parse_args(argv)

@@ -10,6 +10,17 @@ One reader task per connection feeds a queue per request (exceptions too); pings
 calls are futures keyed by sequence number (vLLM's AsyncMPClient pattern). Leaving the loop early
 or cancelling the task cancels the request on the mesh. `SyncMeshClient` is a thin blocking
 wrapper for scripts.
+
+Exactly one outcome per request: a stream yields each token index once, in order (a duplicate
+or stale TokenEvent is dropped), then ends with one RequestDone or raises one typed error;
+anything the coordinator sends for that request afterwards is dropped. `cancel()` ends the
+stream at once: the tokens already received but not yet taken are discarded, and the next step
+of the iteration raises Cancelled. A reader that loses its socket fails every open stream with
+MeshUnavailable rather than leaving it to time out.
+
+CURVE: `MeshClient(address, keys_dir="keys")` dials with the pair `keys/client.secret` and
+expects the server key `keys/coordinator.public` (`key=` / `server_key=` name other pairs);
+see mesh/security.py.
 """
 
 from __future__ import annotations
@@ -21,10 +32,12 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
 
+from mesh.config import MeshConfig, SecurityConfig
 from mesh.errors import (
     Cancelled,
     MeshError,
@@ -46,12 +59,17 @@ from mesh.protocol import (
     decode,
     encode,
 )
+from mesh.security import Setup, is_loopback
+from mesh.sockets import harden
 
 log = logging.getLogger("moemesh.client")
 
 
 class Generation:
-    """One request's token stream. Iterate it; afterwards `.done` holds the RequestDone."""
+    """One request's token stream. Iterate it; afterwards `.done` holds the RequestDone.
+
+    tokens: the TokenEvents yielded so far (index 0, 1, 2, ... with no repeats).
+    """
 
     def __init__(self, client: MeshClient, request: GenerateRequest, timeout_s: float) -> None:
         self.client, self.request, self.timeout_s = client, request, timeout_s
@@ -60,15 +78,47 @@ class Generation:
         self.done: RequestDone | None = None
         self.tokens: list[TokenEvent] = []
         self._started = False
+        self._final = False  # an outcome (RequestDone or an error) is decided: nothing more counts
+        self._next_index = 0  # the token index expected next; lower ones are duplicates
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
         return self._stream()
+
+    def _deliver(self, item: TokenEvent | RequestDone | BaseException) -> bool:
+        """Queue what the reader received for this request, or drop it (duplicate, stale, or
+        after the outcome). Returns whether it was the request's outcome."""
+        if self._final:
+            return False
+        if isinstance(item, TokenEvent):
+            if item.index < self._next_index:
+                log.debug("request %s: dropped duplicate token %d", self.request_id, item.index)
+                return False
+            self._next_index = item.index + 1
+            self.queue.put_nowait(item)
+            return False
+        self._final = True
+        self.queue.put_nowait(item)
+        return True
+
+    def _end(self, outcome: BaseException | None = None) -> None:
+        """Decide the outcome now (`outcome`, or the one already received): tokens received but
+        not yet taken are discarded."""
+        items = []
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        received = [i for i in items if not isinstance(i, TokenEvent)]
+        if outcome is None and received:
+            outcome = received[0]
+        self._final = True
+        if outcome is not None:
+            self.queue.put_nowait(outcome)
 
     async def _stream(self) -> AsyncIterator[TokenEvent]:
         if self._started:
             raise RuntimeError("a Generation can be iterated once")
         self._started = True
-        await self.client._start(self)
+        if not self._final:  # (cancelled before it started: nothing to send)
+            await self.client._start(self)
         try:
             while True:
                 try:
@@ -84,7 +134,8 @@ class Generation:
                 self.tokens.append(item)
                 yield item
         finally:
-            if self.done is None:
+            if not self._final:  # left early (break, task cancelled, timeout): cancel on the mesh
+                self._final = True
                 await self.client._cancel(self.request_id)
             self.client._streams.pop(self.request_id, None)
 
@@ -93,13 +144,27 @@ class Generation:
         return "".join([t.text async for t in self])
 
     async def cancel(self) -> None:
+        """End the stream now: no token is yielded after this returns. The iteration raises
+        Cancelled, or ends with `.done` if the request had finished already."""
+        if self._final:
+            self._end()  # the outcome is in: only it remains
+            return
+        self._end(Cancelled(f"request {self.request_id} cancelled"))
         await self.client._cancel(self.request_id)
 
 
 class MeshClient:
     def __init__(self, address: str, *, timeout_s: float = 60.0, connect_timeout_s: float = 5.0,
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None, keys_dir: str | Path | None = None,
+                 key: str = "client", server_key: str = "coordinator") -> None:
         self.address = address
+        # keys_dir: CURVE with the pair `key` against the server key `server_key` (both files
+        # of `moemesh keys`); None: plain, as a loopback mesh serves by default.
+        self.security = Setup(SecurityConfig(
+            curve="on" if keys_dir is not None else "off",
+            keys_dir=None if keys_dir is None else str(keys_dir),
+            coordinator_key=server_key, client_keys=(key,), allow_insecure_off_loopback=True,
+        ), own_key=key)
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.context = context or zmq.asyncio.Context.instance()
@@ -110,6 +175,17 @@ class MeshClient:
         self._seq = itertools.count(1)
         self._reader: asyncio.Task | None = None
         self._checked = False
+
+    @classmethod
+    def from_config(cls, address: str, config: MeshConfig, **kwargs) -> MeshClient:
+        """A client as launch.toml's [security] says: CURVE with its first `client_keys` pair
+        when curve is "on", or "auto" with keys and an address off loopback; else plain."""
+        s = config.security
+        if s.client_keys and s.keys_dir and (
+                s.curve == "on" or (s.curve == "auto" and not is_loopback(address))):
+            kwargs = {"keys_dir": s.keys_dir, "key": s.client_keys[0],
+                      "server_key": s.coordinator_key, **kwargs}
+        return cls(address, **kwargs)
 
     async def __aenter__(self) -> MeshClient:
         await self.connect()
@@ -122,11 +198,16 @@ class MeshClient:
         if self.socket is not None:
             return
         self.socket = self.context.socket(zmq.DEALER)
+        harden(self.socket, "client", self.security, connect=self.address)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.IDENTITY, f"client-{uuid.uuid4().hex[:12]}".encode())
         self.socket.connect(self.address)
         self._reader = asyncio.create_task(self._read(), name="moemesh-client-reader")
-        await self.ping(self.connect_timeout_s)
+        try:
+            await self.ping(self.connect_timeout_s)
+        except BaseException:
+            await self.close()
+            raise
         self._checked = True
 
     async def close(self) -> None:
@@ -137,6 +218,8 @@ class MeshClient:
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
+        self._fail_all(MeshUnavailable("client closed while the request was streaming",
+                                       hint="keep the MeshClient open until its streams end"))
 
     async def ping(self, timeout_s: float | None = None) -> float:
         """Round trip to the coordinator in seconds; MeshUnavailable if it does not answer."""
@@ -151,7 +234,9 @@ class MeshClient:
         except TimeoutError:
             raise MeshUnavailable(
                 f"no coordinator answered at {self.address} within {timeout_s or self.connect_timeout_s:.1f} s",
-                hint="start the mesh with `mesh-up` (or `make up`), or pass the right --address",
+                hint="start the mesh with `mesh-up` (or `make up`), or pass the right --address"
+                + ("; with CURVE, check that the coordinator allows this client's key and that "
+                   "server_key names its public key" if self.security.settings.curve == "on" else ""),
             ) from None
         finally:
             self._pings.pop(seq, None)
@@ -190,13 +275,18 @@ class MeshClient:
         await self._send(gen.request)
 
     async def _cancel(self, request_id: str) -> None:
-        gen = self._streams.pop(request_id, None)
-        if gen is not None and self.socket is not None:
-            gen.queue.put_nowait(Cancelled(f"request {request_id} cancelled"))
-            try:
-                await self._send(CancelRequest(request_id=request_id))
-            except zmq.ZMQError:
-                pass
+        """Tell the coordinator to stop `request_id`; what it still sends for it is dropped."""
+        if self._streams.pop(request_id, None) is None or self.socket is None:
+            return
+        try:
+            await self._send(CancelRequest(request_id=request_id))
+        except zmq.ZMQError:
+            pass
+
+    def _fail_all(self, error: MeshError) -> None:
+        for gen in list(self._streams.values()):
+            gen._end(type(error)(error.message, hint=error.hint))
+        self._streams.clear()
 
     async def _send(self, msg) -> None:
         if self.socket is None:
@@ -204,33 +294,41 @@ class MeshClient:
         await self.socket.send_multipart(encode(msg), copy=False)
 
     async def _read(self) -> None:
-        while True:
-            frames = await self.socket.recv_multipart(copy=False)
-            try:
-                msg = decode(frames)
-            except ProtocolError as exc:
-                log.warning("dropped a malformed message from the coordinator: %s", exc)
-                continue
-            if isinstance(msg, TokenEvent | RequestDone):
-                gen = self._streams.get(msg.request_id)
-                if gen is not None:
-                    gen.queue.put_nowait(msg)
-            elif isinstance(msg, ErrorReply):
-                error = error_from_reply(msg)
-                if msg.request_id and msg.request_id in self._streams:
-                    self._streams[msg.request_id].queue.put_nowait(error)
-                else:
-                    log.warning("coordinator error: %s", error)
-            elif isinstance(msg, Pong):
-                future = self._pings.get(msg.seq)
-                if future is not None and not future.done():
+        try:
+            while True:
+                frames = await self.socket.recv_multipart(copy=False)
+                self._dispatch(frames)
+        except zmq.ZMQError as exc:  # the socket went away under the reader
+            self._fail_all(MeshUnavailable(f"lost the connection to {self.address} ({exc})"))
+
+    def _dispatch(self, frames) -> None:
+        try:
+            msg = decode(frames)
+        except ProtocolError as exc:
+            log.warning("dropped a malformed message from the coordinator: %s", exc)
+            return
+        if isinstance(msg, TokenEvent | RequestDone | ErrorReply) and msg.request_id:
+            gen = self._streams.get(msg.request_id)
+            if gen is None:
+                if isinstance(msg, ErrorReply):
+                    log.warning("coordinator error for request %s: %s", msg.request_id,
+                                error_from_reply(msg))
+                return  # an ended request: whatever comes late is dropped
+            item = error_from_reply(msg) if isinstance(msg, ErrorReply) else msg
+            if gen._deliver(item):
+                self._streams.pop(msg.request_id, None)  # its one outcome is in
+        elif isinstance(msg, ErrorReply):
+            log.warning("coordinator error: %s", error_from_reply(msg))
+        elif isinstance(msg, Pong):
+            future = self._pings.get(msg.seq)
+            if future is not None and not future.done():
+                future.set_result(msg)
+        elif isinstance(msg, StatusReply):
+            while self._status:
+                future = self._status.pop(0)
+                if not future.done():
                     future.set_result(msg)
-            elif isinstance(msg, StatusReply):
-                while self._status:
-                    future = self._status.pop(0)
-                    if not future.done():
-                        future.set_result(msg)
-                        break
+                    break
 
 
 class SyncMeshClient:

@@ -45,12 +45,14 @@ __all__ = [
     "CoordinatorConfig",
     "FunctionsConfig",
     "HostConfig",
+    "HttpConfig",
     "MeshConfig",
     "MeterConfig",
     "ModelConfig",
     "NodeConfig",
     "PolicyConfig",
     "PredictorConfig",
+    "SecurityConfig",
     "SloClass",
     "SloConfig",
     "load_config",
@@ -68,6 +70,16 @@ KNOWN_POLICIES: tuple[str, ...] = (
     "moeless",
     "bayesian",
     "moemesh",
+    # the papers' baselines (allocator/paper_baselines.py)
+    "cpu-only",
+    "gpu-only",
+    "fetch",
+    "lambdaml",
+    "cpu-cluster",
+    "static-ep",
+    "eplb",
+    "capacity-factor",
+    "oracle",
 )
 
 BUNDLED_MODEL = "bundled"  # model.path naming the tiny model shipped in nodes/bundled/
@@ -239,6 +251,9 @@ class CoordinatorConfig:
     host:               address it binds and peers dial (set a reachable IP for many hosts)
     client_port:        ROUTER for clients; control_port: ROUTER for node daemons;
     metrics_port:       PUB for metrics (each: 0 = pick a free port and read it back)
+    metrics_http_port:  HTTP for Prometheus (/metrics) and /v1/experts/distribution; None:
+                        metrics_port + 1, or a free port when metrics_port is 0 (see
+                        `resolved_metrics_http_port`); 0 = a free port
     metrics_interval_s: seconds between MetricsSnapshot publications
     device:             where the main model runs: "cpu", "cuda" or "auto" (cuda if present)
     max_batch:          requests decoded together (continuous batching)
@@ -252,6 +267,7 @@ class CoordinatorConfig:
     client_port: int = setting(7555, PORT)
     control_port: int = setting(7556, PORT)
     metrics_port: int = setting(7557, PORT)
+    metrics_http_port: int | None = setting(None, PORT)
     metrics_interval_s: float = setting(0.5, above(0))
     device: Literal["cpu", "cuda", "auto"] = "auto"
     max_batch: int = setting(16, at_least(1))
@@ -263,13 +279,20 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         _validate(self)
         seen: dict[int, str] = {}
-        for name in ("client_port", "control_port", "metrics_port"):
-            port = getattr(self, name)
+        for name in ("client_port", "control_port", "metrics_port", "metrics_http_port"):
+            port = getattr(self, name) if name != "metrics_http_port" else self.resolved_metrics_http_port()
             if port and port in seen:
                 raise ConfigError(
                     f"port {port} is also {seen[port]}; use distinct ports or 0", key=name
                 )
             seen[port] = name
+
+    def resolved_metrics_http_port(self) -> int:
+        """metrics_http_port, or when absent: metrics_port + 1 (0 when metrics_port is 0, so a
+        mesh that asks for free ports gets a free one here too)."""
+        if self.metrics_http_port is not None:
+            return self.metrics_http_port
+        return self.metrics_port + 1 if 0 < self.metrics_port < 65535 else 0
 
 
 @dataclass(frozen=True)
@@ -372,6 +395,9 @@ class BillingConfig:
     price_per_million_requests: $ per million invocations
     bill_init:                  bill cold-start (INIT) time, as AWS does since August 2025
     round_ms:                   billed durations round up to this many ms (0: no rounding)
+    serverful_price_per_hour:   $ per hour of the always-on CPU cluster baseline (policy
+                                cpu-cluster): AWS EC2 m6a.32xlarge on-demand, Linux, us-east-1
+                                (128 vCPU AMD EPYC, 512 GiB: Liu et al.'s 2 x 64-core EPYC, 512 GB)
     """
 
     mode: Literal["instance", "invocation"] = "instance"
@@ -380,6 +406,7 @@ class BillingConfig:
     price_per_million_requests: float = setting(0.20, at_least(0))
     bill_init: bool = True
     round_ms: int = setting(1, at_least(0))
+    serverful_price_per_hour: float = setting(5.5296, above(0))
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -453,20 +480,25 @@ class PolicyConfig:
     payload_cap_bytes:  largest activation payload per call (AWS Lambda's 6 MiB sync cap)
     call_timeout_s:     a remote call unanswered after this is retried or recomputed locally
     retries:            retries of a failed or late call before recomputing it locally
-    straggler_k:        a reply later than k x the round's median marks a straggler
     replan_every:       re-plan after this many requests (0 = plan once at start-up)
     function_memory_gb: all-remote / static-split: memory of every function (0 = the policy's own)
+    function_replicas:  all-remote / static-split: warm instances of every function; a round's
+                        rows are split evenly across them
+    profiles:           "auto": measure this host's profiles on first use (`moemesh profile`,
+                        cached in profiles/<host>/<model>.json); "measured": require them;
+                        "synthetic": plan from built-in numbers (tests, quick looks)
     """
 
-    name: str = setting("all-remote", NOT_EMPTY)
+    name: str = setting("moemesh", NOT_EMPTY)
     remote: tuple[tuple[int, int], ...] = setting((), at_least(0))
     micro_batch_tokens: int = setting(0, at_least(0))
     payload_cap_bytes: int = setting(6 * 1024 * 1024, above(0))
     call_timeout_s: float = setting(5.0, above(0))
     retries: int = setting(1, at_least(0))
-    straggler_k: float = setting(3.0, at_least(1))
     replan_every: int = setting(8, at_least(0))
     function_memory_gb: float = setting(0.25, at_least(0))
+    function_replicas: int = setting(1, at_least(1))
+    profiles: Literal["auto", "measured", "synthetic"] = "auto"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -496,16 +528,86 @@ class MeterConfig:
 @dataclass(frozen=True)
 class PredictorConfig:
     """[predictor]: what forecasts a request's expert activations for the policy.
-    name:         "moving-average", "recent-use", "sps", "bayes" or "layer-aware"
+    name:         "moving-average", "recent-use", "sps", "bayes", "layer-aware" or "oracle"
+                  (the true activations of the prompts in `traces`; for the oracle policy)
     traces:       a trace store (moemesh trace) the predictor learns from at start-up (None: cold)
     record_dir:   append every served request's activation trace to this store (None: don't)"""
 
-    name: Literal["moving-average", "recent-use", "sps", "bayes", "layer-aware"] = "sps"
+    name: Literal["moving-average", "recent-use", "sps", "bayes", "layer-aware", "oracle"] = "sps"
     traces: str | None = setting(None, NOT_EMPTY)
     record_dir: str | None = setting(None, NOT_EMPTY)
 
     def __post_init__(self) -> None:
         _validate(self)
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """[security]: CURVE encryption and ZAP authentication of the mesh's sockets (mesh/security.py).
+
+    curve:           "auto": CURVE on every socket bound off loopback and on the sockets that
+                     dial one; "on": on every socket; "off": on none
+    keys_dir:        folder of the key files `moemesh keys` writes (NAME.public, NAME.secret);
+                     relative to launch.toml; None: no keys (then only loopback binds work)
+    coordinator_key: the key pair the coordinator serves with (clients need its NAME.public)
+    client_keys:     public keys (names in keys_dir) allowed on the client and metrics ports
+    host_keys:       [[hosts]] name -> the key pair its daemons and workers use (a host not
+                     listed uses the pair named after it); the control port allows exactly these
+    allow_insecure_off_loopback: bind off loopback without CURVE all the same (a network you
+                     trust); otherwise such a bind is refused with a ConfigError
+    """
+
+    curve: Literal["auto", "on", "off"] = "auto"
+    keys_dir: str | None = setting(None, NOT_EMPTY)
+    coordinator_key: str = setting("coordinator", NOT_EMPTY)
+    client_keys: tuple[str, ...] = setting(("client",), NOT_EMPTY)
+    host_keys: Mapping[str, str] = setting(factory=dict)
+    allow_insecure_off_loopback: bool = False
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        for host, name in self.host_keys.items():
+            if not name:
+                raise ConfigError("expected a key name, got \"\"", key=f"host_keys.{host}")
+
+    def host_key(self, host: str) -> str:
+        """The key pair name of [[hosts]] entry `host`."""
+        return self.host_keys.get(host, host)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """[http]: the OpenAI-compatible HTTP front end (mesh/http/), a client of the mesh that
+    `mesh-up` starts once the coordinator is ready.
+
+    enabled:                 start it with `mesh-up`
+    host:                    address it binds
+    port:                    its port; None: 8000 (vLLM's), or a free port when
+                             coordinator.client_port is 0 (see `resolved_port`); 0 = a free port
+    model_name:              the model id it serves (/v1/models, the "model" field); None:
+                             the checkpoint folder's name ("moemesh-bundled" for the bundled one)
+    max_concurrent_requests: requests in flight through it; beyond, it answers 429
+    """
+
+    enabled: bool = True
+    host: str = setting("127.0.0.1", NOT_EMPTY)
+    port: int | None = setting(None, PORT)
+    model_name: str | None = setting(None, NOT_EMPTY)
+    max_concurrent_requests: int = setting(64, at_least(1))
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def resolved_port(self, coordinator: CoordinatorConfig) -> int:
+        """port, or when absent: 8000, or 0 (a free port) when the coordinator's are free ones."""
+        if self.port is not None:
+            return self.port
+        return 8000 if coordinator.client_port else 0
+
+    def resolved_model_name(self, model: ModelConfig) -> str:
+        if self.model_name is not None:
+            return self.model_name
+        return "moemesh-bundled" if model.path == BUNDLED_MODEL else Path(model.path).name
 
 
 # ------------------------------------------------------------------------------- the whole
@@ -563,6 +665,8 @@ class MeshConfig:
     policy: PolicyConfig = setting(factory=PolicyConfig)
     meter: MeterConfig = setting(factory=MeterConfig)
     predictor: PredictorConfig = setting(factory=PredictorConfig)
+    security: SecurityConfig = setting(factory=SecurityConfig)
+    http: HttpConfig = setting(factory=HttpConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -581,6 +685,12 @@ class MeshConfig:
                 raise ConfigError(
                     f"no host {_show(node.host)}; [[hosts]] names are: {', '.join(hosts) or 'none'}",
                     key=f"nodes[{i}].host",
+                )
+        for host in self.security.host_keys:
+            if host not in hosts:
+                raise ConfigError(
+                    f"no host {_show(host)}; [[hosts]] names are: {', '.join(hosts) or 'none'}",
+                    key=f"security.host_keys.{host}",
                 )
 
     @property
@@ -602,7 +712,7 @@ class MeshConfig:
 
 # ------------------------------------------------------------------------------- loading
 
-PATH_KEYS = (("model", "path"), ("meter", "record_dir"))  # relative paths resolve against the file
+PATH_KEYS = (("model", "path"), ("meter", "record_dir"), ("security", "keys_dir"))  # relative paths resolve against the file
 
 
 def load_config(
@@ -715,3 +825,8 @@ def _apply_override(raw: dict[str, Any], key: str, value: object) -> None:
             table = entries[int(index)]
             if not isinstance(table, dict):
                 raise ConfigError("is not a table; cannot set keys under it", key=where)
+
+
+def resolve_model_path(path: str) -> Path:
+    """A `[model] path` value ("bundled", a folder) as the folder it names."""
+    return ModelConfig(path=path or "bundled").resolved_path()

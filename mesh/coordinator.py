@@ -7,7 +7,14 @@
 
 The asyncio side owns the three sockets above and a reconcile loop that, each tick, updates
 small managers with isolated failures: node liveness (Paranoid Pirate: ping every interval,
-expire after `liveness` silent intervals), instances (spawn what the plan lacks), metrics.
+expire after `liveness` silent intervals; a dead node's instances fail and `_warm` re-places
+its functions on the live nodes), instances (spawn what the plan lacks), metrics. Every
+NodeHeartbeat is reconciled with the registry (`_reconcile`): hung instances are retired,
+ghosts (instances a node runs that the registry does not hold live there, e.g. after a
+re-register or a coordinator restart) are stopped, instances a node stopped listing fail.
+A daemon that registers with a new pid lost its old instances with its old process. A dropped
+control connection (a killed daemon) gets every node pinged at once, and a node silent for
+DROP_WINDOW_S after it is dead (`_watch_drops`): about a second, not `liveness` heartbeats.
 Run it with `python -m mesh.coordinator --config-json JSON`; `mesh-up` does that for you. It
 prints one line `MOEMESH_READY {json endpoints}` on stdout when it is listening.
 """
@@ -32,12 +39,15 @@ import zmq.asyncio
 
 from allocator.plan import FunctionSpec
 from mesh import planning
-from mesh.config import MeshConfig, ModelConfig
+from mesh.config import MeshConfig, resolve_model_path
+from mesh.device import move_model, resolve_device
 from mesh.engine_loop import Admit, Cancel, EngineLoop, Failed, Finished, Token
 from mesh.errors import MeshError, ProtocolError, RequestRejected, Timeout
 from mesh.executor import MeshExecutor, ScatterSettings
 from mesh.functions import Registry, State
+from mesh.main_experts import MainExperts
 from mesh.meter import Meter, Prices
+from mesh.metrics_http import MetricsService
 from mesh.protocol import (
     CancelRequest,
     GenerateRequest,
@@ -61,6 +71,7 @@ from mesh.protocol import (
     encode,
     error_reply_for,
 )
+from mesh.sockets import harden
 from mesh.trace import make_record, predictor_shape, prompt_features, trace_meta
 from nodes.model.checkpoint import Checkpoint
 from nodes.model.engine import Engine, SamplingParams
@@ -70,6 +81,16 @@ from predictor.forecast import Activation
 from predictor.traces import TraceStore
 
 log = logging.getLogger("moemesh.coordinator")
+
+# Policies whose plan does not depend on a forecast: planned once, never re-planned.
+FIXED_POLICIES = ("all-local", "all-remote", "static-split", "cpu-only", "gpu-only", "fetch", "lambdaml",
+                  "cpu-cluster", "static-ep", "capacity-factor")
+
+# A warm instance whose serving loop has been silent this long is retired even if its daemon has
+# not flagged it (the daemon flags and kills it after its own hung_after_s, 2 s by default).
+HUNG_BACKSTOP_S = 6.0
+DROP_WINDOW_S = 1.0  # after a control connection drops, a node silent this long is dead
+GHOST_RETRY_S = 5.0  # a ghost still reported this long after its StopFunction is asked again
 
 
 @dataclass
@@ -82,6 +103,9 @@ class Node:
     last_seen: float
     alive: bool = True
     resources: dict = field(default_factory=dict)
+    pid: int = 0  # the daemon's pid: a new one on re-register means its instances died with the old
+    missing: dict[str, int] = field(default_factory=dict)  # instance id -> heartbeats it was absent from
+    ghosts: dict[str, float] = field(default_factory=dict)  # instance id -> when we asked to stop it
 
 
 class Coordinator:
@@ -90,35 +114,45 @@ class Coordinator:
         self.context = zmq.asyncio.Context()
         self.model_path = resolve_model_path(config.model.path)
         self.checkpoint = Checkpoint(self.model_path, dtype=getattr(torch, config.model.dtype))
-        self.model = self.checkpoint.load_model()
-        self.tokenizer = Tokenizer.from_dir(self.model_path) if (self.model_path / "tokenizer.json").exists() else None
+        model_config = self.checkpoint.config
         slo = {name: (c.ttft_s, c.tpot_s) for name, c in config.slo.classes.items()}
         billing = config.billing
         self.meter = Meter(
             Prices(billing.mode, billing.price_cpu_gb_s, billing.price_gpu_gb_s,
                    billing.price_per_million_requests, billing.bill_init, billing.round_ms),
-            slo, straggler_k=config.policy.straggler_k,
+            slo, straggler_k=config.meter.straggler_k,
         )
         self.registry = Registry()
+        self.since_plan = 0
+        # Memory held = memory billed: the main function holds the non-expert weights and only the
+        # experts its plan keeps local (loaded below, once the plan is made).
+        self.model = self.checkpoint.load_model(experts=())
+        self.device = resolve_device(config.coordinator.device)  # ConfigError if cuda is asked for but absent
+        self.model = move_model(self.model, self.device)
+        # profiles read once; the main function's dense work timed on the model itself
+        self.profiles = planning.running_profiles(planning.profiles_of(config, model_config), self.model)
+        self.workload = planning.DEFAULT_WORKLOAD  # what the plan in force was sized for
+        self.plan = planning.make_plan(config, model_config, profiles=self.profiles)
+        self.baseline_main_gb = planning.all_local_main_gb(config, model_config, self.profiles)
+        self.main = MainExperts(self.model, self.checkpoint, self._main_changed)
+        self.main.load(self.plan.local, pin=True)
+        self.registry.set_plan(self.plan)
+        self._main_changed(self.main.held_bytes(), len(self.main.held()))
+        self.meter.policy = planning.describe(self.plan)
+        self.tokenizer = Tokenizer.from_dir(self.model_path) if (self.model_path / "tokenizer.json").exists() else None
         self.predictor = self._make_predictor()
         self.traces = self._open_traces()
         self.features: dict[str, object] = {}  # request id -> PromptFeatures, until it finishes
-        self.since_plan = 0
-        self.profiles = planning.profiles_of(config, self.model.config)  # read once
-        self.plan = planning.make_plan(config, self.model.config, profiles=self.profiles)
-        self.registry.set_plan(self.plan)
-        self.meter.set_main(self.plan.main.memory_gb, self.plan.main.device,
-                            planning.all_local_main_gb(config, self.model.config, self.profiles))
-        self.meter.policy = planning.describe(self.plan)
         settings = ScatterSettings(
             call_timeout_s=config.policy.call_timeout_s, retries=config.policy.retries,
             micro_batch_tokens=config.policy.micro_batch_tokens, payload_cap_bytes=config.policy.payload_cap_bytes,
-            cold_start_wait_s=config.functions.cold_start_wait_s,
+            cold_start_wait_s=config.functions.cold_start_wait_s, security=config,
         )
-        self.executor = MeshExecutor(self.registry, self.meter, settings, zmq.Context())
+        self.executor = MeshExecutor(self.registry, self.meter, settings, zmq.Context(), main=self.main)
         self.executor.num_moe_layers = self.model.config.num_moe_layers
         self.engine = Engine(self.model, self.executor, max_batch=config.coordinator.max_batch)
         self.nodes: dict[str, Node] = {}
+        self.drops: list[float] = []  # when a control-socket peer dropped its connection, to judge (_tick)
         self.clients: dict[str, bytes] = {}  # request id -> client identity
         self.events: asyncio.Queue = asyncio.Queue()
         self.loop_thread: EngineLoop | None = None
@@ -131,9 +165,16 @@ class Coordinator:
 
     # -- predictor, plans, traces ----------------------------------------------------------------
 
+    def _main_changed(self, held_bytes: int, experts: int) -> None:
+        """Bill the main function for what it holds (at least the size its plan reserved)."""
+        gb = max(self.plan.main.memory_gb,
+                 planning.main_billed_gb(held_bytes, self.config, self.profiles, self.workload))
+        self.meter.main_held(held_bytes, experts)
+        self.meter.set_main(gb, self.plan.main.device, self.baseline_main_gb)
+
     def _make_predictor(self):
         shape = predictor_shape(self.model)
-        gates = np.stack([b.gate.weight.detach().float().numpy() for b in self.model.moe_blocks()])  # [L, E, d]
+        gates = np.stack([b.gate.weight.detach().float().cpu().numpy() for b in self.model.moe_blocks()])  # [L, E, d]
         predictor = default_predictors(shape, seed=0, gate_weights=gates, names=[self.config.predictor.name])[0]
         if self.config.predictor.traces:
             records = list(TraceStore.open(self.config.predictor.traces))
@@ -153,7 +194,7 @@ class Coordinator:
     @property
     def adaptive(self) -> bool:
         """Policies that plan from a forecast (the baselines' plans never change)."""
-        return self.config.policy.name not in ("all-local", "all-remote", "static-split")
+        return self.config.policy.name not in FIXED_POLICIES
 
     def _replan(self, features, prompt_tokens: int, new_tokens: int) -> None:
         """Forecast this request, plan from it, warm what the plan names (per batch window)."""
@@ -165,22 +206,43 @@ class Coordinator:
         from allocator.model import WarmInstance, Workload
 
         start = time.perf_counter()
-        forecast = self.predictor.forecast(features)
         warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
         try:
+            forecast = self.predictor.forecast(features)
             plan = planning.make_plan(self.config, self.model.config, forecast,
                                       Workload(max(1, prompt_tokens), max(1, new_tokens)), warm=warm,
                                       profiles=self.profiles)
         except Exception as exc:  # a policy that cannot plan keeps the plan in force
             log.warning("policy %s could not plan (%s); keeping the plan in force", self.config.policy.name, exc)
             return
-        self.plan = plan
-        self.registry.set_plan(plan)
-        self.meter.set_main(plan.main.memory_gb, plan.main.device, self.meter.baseline_main_memory_gb)
+        workload = Workload(max(1, prompt_tokens), max(1, new_tokens))
+        loaded, seconds = self.main.load(plan.local, pin=True)  # before the plan names them local
+        if loaded:
+            self.meter.main_loaded(loaded, seconds, "re-plan")
+        self.plan, self.workload = plan, workload
+        self.registry.set_plan(plan)  # experts now remote are dropped once a warm function serves them
+        self._main_changed(self.main.held_bytes(), len(self.main.held()))
         self.meter.policy = planning.describe(plan, forecast)
         log.info("re-planned with %s in %.1f ms: %d local experts, %d functions (forecast by %s, confidence %.2f)",
                  plan.policy, (time.perf_counter() - start) * 1e3, len(plan.local), len(plan.functions),
                  forecast.source, forecast.confidence)
+
+    def _estimate(self, features, prompt_tokens: int, new_tokens: int) -> dict | None:
+        """The planner's figures for this request under the plan in force (its forecast, the warm
+        instances now, the main function already up), recorded beside what the meter measures."""
+        from allocator.cost import Loads, estimate
+        from allocator.model import WarmInstance, Workload
+
+        try:
+            workload = Workload(max(1, prompt_tokens), max(1, new_tokens))
+            forecast = self.predictor.forecast(features)
+            warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
+            loads = Loads.from_forecast(forecast, workload, self.profiles.shape.top_k)
+            return estimate(self.plan, loads, self.profiles, planning.cluster_of(self.config), workload,
+                            warm=warm, main_warm=True).summary()
+        except Exception as exc:  # an estimate is for the record: never fail a request over it
+            log.warning("no planner estimate for this request (%s)", exc)
+            return None
 
     def _learn(self, request_id: str, text: str, activation) -> None:
         features = self.features.pop(request_id, None)
@@ -197,8 +259,9 @@ class Coordinator:
 
     # -- sockets -----------------------------------------------------------------------------
 
-    def _bind(self, kind: int, port: int) -> tuple[zmq.asyncio.Socket, str]:
+    def _bind(self, kind: int, port: int, role: str) -> tuple[zmq.asyncio.Socket, str]:
         sock = self.context.socket(kind)
+        harden(sock, role, self.config, bind=f"tcp://{self.config.coordinator.host}:{port}")
         sock.setsockopt(zmq.LINGER, 0)
         if kind == zmq.ROUTER:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -209,10 +272,12 @@ class Coordinator:
 
     async def serve(self, ready_file: Path | None = None) -> None:
         c = self.config.coordinator
-        self.frontend, client_ep = self._bind(zmq.ROUTER, c.client_port)
-        self.control, control_ep = self._bind(zmq.ROUTER, c.control_port)
-        self.metrics, metrics_ep = self._bind(zmq.PUB, c.metrics_port)
+        self.frontend, client_ep = self._bind(zmq.ROUTER, c.client_port, "client")
+        self.control, control_ep = self._bind(zmq.ROUTER, c.control_port, "control")
+        self.metrics, metrics_ep = self._bind(zmq.PUB, c.metrics_port, "metrics")
         self.endpoints = {"client": client_ep, "control": control_ep, "metrics": metrics_ep}
+        self.exporter = MetricsService(self)  # Prometheus /metrics, /v1/experts/distribution (issue 13)
+        self.endpoints["http_metrics"] = await self.exporter.start(c.host, c.resolved_metrics_http_port())
         loop = asyncio.get_running_loop()
         self.loop_thread = EngineLoop(self.engine, self.executor, self.tokenizer, self.meter,
                                       lambda event: loop.call_soon_threadsafe(self.events.put_nowait, event))
@@ -239,6 +304,7 @@ class Coordinator:
         for sock in (self.frontend, self.control, self.metrics):
             sock.close(linger=0)
         self.executor.close()
+        await self.exporter.close()
 
     # -- client edge ---------------------------------------------------------------------------
 
@@ -304,8 +370,10 @@ class Coordinator:
         self.prompts[req.request_id] = req.prompt
         if self.adaptive:  # planning off the event loop: sockets and heartbeats keep flowing
             await asyncio.to_thread(self._replan, features, len(ids), req.max_new_tokens)
+        self.meter.request_estimate(req.request_id, self._estimate(features, len(ids), req.max_new_tokens))
         self._warm()  # cold starts overlap the prompt's first layers
         self.loop_thread.inbox.put(Admit(req.request_id, ids, params))
+        self.exporter.admitted(req.request_id)
 
     async def _events(self) -> None:
         while True:
@@ -352,6 +420,7 @@ class Coordinator:
     def _keep_record(self, record: dict) -> None:
         if not record:
             return
+        self.exporter.finished(record)  # adds the request's gb_s / cost_usd shares, observes it
         self.records[record["request_id"]] = record
         if len(self.records) > 10_000:
             self.records.pop(next(iter(self.records)))
@@ -367,6 +436,12 @@ class Coordinator:
         await self.control.send_multipart([name.encode(), *encode(msg)], copy=False)
 
     async def _control(self) -> None:
+        # A daemon that reconnects (same identity, new connection) takes over its old pipe
+        # instead of being ignored until the old one is noticed gone.
+        self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        watcher = asyncio.get_running_loop().create_task(self._watch_drops())
+        watcher.add_done_callback(lambda t: t.cancelled() or t.exception() is None or
+                                  log.error("the control socket's monitor failed", exc_info=t.exception()))
         while True:
             identity, *frames = await self.control.recv_multipart(copy=False)
             name = identity.bytes.decode(errors="replace")
@@ -383,7 +458,9 @@ class Coordinator:
         if node is not None:
             node.last_seen, node.alive = now, True
         if isinstance(msg, NodeRegister):
-            self.nodes[name] = Node(name, msg.kind, msg.host, msg.capacity_gb, msg.cpus, now)
+            if node is not None and node.pid != msg.pid:  # a new daemon: the old one's instances died with it
+                self._lose_instances(name, now, f"node {name} restarted (daemon pid {node.pid} -> {msg.pid})")
+            self.nodes[name] = Node(name, msg.kind, msg.host, msg.capacity_gb, msg.cpus, now, pid=msg.pid)
             await self._to_node(name, RegisterAck(node_id=name, heartbeat_interval_s=self.config.coordinator.heartbeat_s,
                                                   liveness=self.config.coordinator.liveness))
             log.info("node %s registered (%s, %.1f GB)", name, msg.kind, msg.capacity_gb)
@@ -391,6 +468,7 @@ class Coordinator:
             log.warning("message %s from unregistered node %r: dropped", type(msg).__name__, name)
         elif isinstance(msg, NodeHeartbeat):
             node.resources = dict(msg.resources)
+            self._reconcile(node, msg.instances, now)
         elif isinstance(msg, InstanceReady):
             inst = self.registry.transition(msg.instance_id, State.WARM, endpoint=msg.endpoint, pid=msg.pid)
             if inst is None:
@@ -415,6 +493,95 @@ class Coordinator:
                     msg.instance_id, name, msg.reason, msg.exit_code)
         elif isinstance(msg, Pong | Ping):
             pass
+
+    async def _watch_drops(self) -> None:
+        """A peer of the control socket dropped its TCP connection (a daemon killed or gone):
+        ping every live node at once; _tick marks dead any that has said nothing DROP_WINDOW_S
+        after the drop. A killed daemon is so found in about a second instead of `liveness`
+        heartbeats; a cut link drops no connection and waits for the liveness rule."""
+        monitor = self.control.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                await monitor.recv_multipart()
+                self.drops.append(time.time())
+                for node in [n for n in self.nodes.values() if n.alive]:
+                    await self._to_node(node.name, Ping(seq=0))
+        finally:
+            monitor.close(linger=0)
+
+    def _judge_drops(self, now: float) -> None:
+        """Nodes silent since a dropped connection, DROP_WINDOW_S on: dead (see _watch_drops)."""
+        while self.drops and now - self.drops[0] > DROP_WINDOW_S:
+            dropped = self.drops.pop(0)
+            for node in self.nodes.values():
+                if node.alive and node.last_seen < dropped:
+                    self._mark_dead(node, now, f"node {node.name} dropped its connection and has been "
+                                               f"silent for {now - dropped:.1f} s since")
+
+    def _mark_dead(self, node: Node, now: float, why: str) -> None:
+        node.alive = False  # its functions are re-placed on the others by _warm
+        self._lose_instances(node.name, now, why)
+        log.error("%s: marked dead", why)
+
+    def _reconcile(self, node: Node, reported: list, now: float) -> None:
+        """Make the registry and a node's heartbeat agree (heartbeat instances: dicts with at
+        least "instance_id", "state"; "hung" / "heartbeat_age_s" from the daemon's watchdog).
+
+        - a live instance the daemon reports hung, or whose serving loop has not answered for
+          HUNG_BACKSTOP_S: retired (FAILED, metered as a death, the daemon told to kill it);
+        - an instance the node runs but the registry does not hold live there (a ghost: left
+          from before a re-register or a coordinator restart): stopped, re-asked every
+          GHOST_RETRY_S while it is still reported;
+        - an instance the registry holds live on the node but two heartbeats in a row do not
+          list (and older than one heartbeat): lost, FAILED and metered as a death.
+        """
+        listed: set[str] = set()
+        for item in reported:
+            if not isinstance(item, dict) or not isinstance(item.get("instance_id"), str):
+                continue
+            iid = item["instance_id"]
+            listed.add(iid)
+            inst = self.registry.instances.get(iid)
+            if inst is None or inst.node != node.name or not inst.live:
+                if item.get("state") == "stopping" or now - node.ghosts.get(iid, -1e9) < GHOST_RETRY_S:
+                    continue
+                node.ghosts[iid] = now
+                log.warning("%s runs on %s but is not the coordinator's (a ghost): stopping it", iid, node.name)
+                asyncio.get_running_loop().create_task(self._to_node(node.name, StopFunction(iid, "ghost")))
+                continue
+            age = item.get("heartbeat_age_s")
+            hung = item.get("hung") is True or (
+                inst.state is State.WARM and isinstance(age, int | float) and age > HUNG_BACKSTOP_S)
+            if hung:
+                self._retire_hung(inst, node.name, age, now)
+        for iid in [i for i in node.ghosts if i not in listed]:
+            del node.ghosts[iid]
+        grace = self.config.coordinator.heartbeat_s
+        for inst in self.registry.live_on(node.name):
+            if inst.instance_id in listed or now - inst.requested_at < grace:
+                node.missing.pop(inst.instance_id, None)
+                continue
+            count = node.missing[inst.instance_id] = node.missing.get(inst.instance_id, 0) + 1
+            if count >= 2 and self.registry.transition(inst.instance_id, State.FAILED) is not None:
+                node.missing.pop(inst.instance_id, None)
+                self.meter.instance_stopped(inst.instance_id, now, "died")
+                log.error("%s: %s no longer reports it; marked failed", inst.instance_id, node.name)
+
+    def _retire_hung(self, inst, node: str, age, now: float) -> None:
+        """A hung instance: FAILED now (its in-flight calls fail over), the daemon kills it."""
+        if self.registry.transition(inst.instance_id, State.FAILED) is None:
+            return
+        self.meter.instance_stopped(inst.instance_id, now, "hung")  # the meter counts it a death
+        log.error("%s on %s hung (serving loop silent for %s s): retired, its calls fail over",
+                  inst.instance_id, node, age)
+        asyncio.get_running_loop().create_task(self._to_node(node, StopFunction(inst.instance_id, "hung")))
+
+    def _lose_instances(self, node: str, now: float, why: str) -> None:
+        lost = self.registry.fail_node(node)
+        for inst in lost:
+            self.meter.instance_stopped(inst.instance_id, now, "died")
+        if lost:
+            log.error("%s: %d instances lost", why, len(lost))
 
     # -- reconcile loop ------------------------------------------------------------------------
 
@@ -445,12 +612,14 @@ class Coordinator:
     def _spawn(self, spec: FunctionSpec, replica: int, node: str) -> None:
         f = self.config.functions
         inst = self.registry.new_instance(spec, replica, node)
+        kind = self.nodes[node].kind if node in self.nodes else "cpu"
         self.meter.instance_requested(inst.instance_id, spec.id, node, spec.memory_gb, list(spec.experts),
-                                      replica, f.spawn, f.keep_alive_s)
+                                      replica, f.spawn, f.keep_alive_s, device="gpu" if kind == "gpu" else "cpu")
         msg = SpawnFunction(instance_id=inst.instance_id, function_id=spec.id,
                             experts=[tuple(e) for e in spec.experts], memory_gb=spec.memory_gb,
                             cpu_share=spec.memory_gb / f.gb_per_vcpu, keep_alive_s=f.keep_alive_s,
-                            spawn=f.spawn, model_path=str(self.model_path), start_delay_s=f.start_delay_s)
+                            spawn=f.spawn, model_path=str(self.model_path), start_delay_s=f.start_delay_s,
+                            device="cuda" if kind == "gpu" else "cpu")  # a gpu node's functions on its GPU
         asyncio.get_running_loop().create_task(self._to_node(node, msg))
 
     async def stop_instance(self, instance_id: str, reason: str = "requested") -> None:
@@ -465,16 +634,12 @@ class Coordinator:
         while True:
             now = time.time()
             try:
+                self._judge_drops(now)
                 if now - last_ping >= c.heartbeat_s:
                     last_ping = now
                     for node in list(self.nodes.values()):
                         if node.alive and now - node.last_seen > c.heartbeat_s * c.liveness:
-                            node.alive = False
-                            lost = self.registry.fail_node(node.name)
-                            for inst in lost:
-                                self.meter.instance_stopped(inst.instance_id, now, "died")
-                            log.error("node %s silent for %.1f s: marked dead, %d instances lost",
-                                      node.name, now - node.last_seen, len(lost))
+                            self._mark_dead(node, now, f"node {node.name} silent for {now - node.last_seen:.1f} s")
                         if node.alive:
                             await self._to_node(node.name, Ping(seq=seq))
                 if self.clients:
@@ -489,6 +654,7 @@ class Coordinator:
                     self.meter.nodes = self._nodes_view(now)
                     snapshot = MetricsSnapshot(seq=seq, time=now, payload={**self.meter.snapshot(), "seq": seq,
                                                                                   "interval_s": c.metrics_interval_s})
+                    self.exporter.tick(snapshot.payload)
                     try:
                         await self.metrics.send_multipart(encode(snapshot), flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
@@ -501,7 +667,7 @@ class Coordinator:
         out = []
         for n in self.nodes.values():
             r = n.resources
-            out.append({"name": n.name, "kind": n.kind, "host": n.host, "alive": n.alive,
+            out.append({"name": n.name, "kind": n.kind, "host": n.host, "alive": n.alive, "pid": n.pid,
                         "last_heartbeat_s_ago": now - n.last_seen, "capacity_gb": n.capacity_gb,
                         "cpu_percent": r.get("cpu_percent"), "mem_used_gb": r.get("mem_used_gb"),
                         "mem_total_gb": r.get("mem_total_gb"), "gpus": r.get("gpus", [])})
@@ -514,11 +680,8 @@ class Coordinator:
                 "billing": snap["billing"], "slo": snap["slo"], "engine": dict(self.executor.stats),
                 "rounds": self.executor.round_summary(), "steps": self.loop_thread.steps if self.loop_thread else 0,
                 "cold_starts": snap["cold_starts"], "deaths": snap["deaths"], "stragglers": snap["stragglers"],
+                "main": snap["main"], "data_plane": snap["data_plane"], "load": snap["load"],
                 "records": list(self.records.values())[-100:]}
-
-
-def resolve_model_path(path: str) -> Path:
-    return ModelConfig(path=path or "bundled").resolved_path()
 
 
 def main(argv: list[str] | None = None) -> int:

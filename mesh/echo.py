@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import zmq
 
+from mesh.sockets import harden
+
 
 def echo(endpoint_queue) -> None:
     """Bind a ROUTER on a free port, report it, echo every message until b"stop"."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
+    harden(sock, "data", bind="tcp://127.0.0.1:0")
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind("tcp://127.0.0.1:0")
     endpoint_queue.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))

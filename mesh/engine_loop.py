@@ -122,7 +122,7 @@ class EngineLoop(threading.Thread):
                                  "prefill" if seq.cache.length == 0 else "decode"))
             start += n
         self.executor.set_segments(segments)
-        self.executor.prune()
+        self.executor.between_steps()
         start = time.perf_counter()
         try:
             produced = self.engine.step()

@@ -2,12 +2,16 @@
 
 One call of `run(block, dispatch)` is one scatter-gather round:
 
-    group active experts by owner ──► scatter: ExpertCall per micro-batch (payload-capped),
-                                       spread over the function's warm replicas
+    group active experts by owner ──► split each function's rows evenly over its r warm
+                                       replicas (honouring the micro-batch size and the
+                                       payload cap): one ExpertCall per chunk
                                   ──► compute local experts while the calls are in flight
                                   ──► gather replies (zmq.Poller, one DEALER per instance)
                                   ──► late / failed / dead: retry on another replica, else
-                                       compute locally from the main model's copy
+                                       compute in the main function: from its own copy if
+                                       it holds one (billed), else loaded on demand (a billed
+                                       cold start on the critical path, see main_experts.py)
+                                  ──► one RoundRecord to the meter (no lock taken here)
 
 It runs on the engine thread as a plain loop (DESIGN.md: asyncio costs ~2x per round here);
 the sockets belong to that thread alone. The rows it returns are exactly the dispatch's rows
@@ -24,10 +28,14 @@ from dataclasses import dataclass
 import torch
 import zmq
 
+from allocator.capacity import capacity_drop
 from mesh.errors import ProtocolError
 from mesh.functions import Instance, Registry, State
-from mesh.meter import Meter
+from mesh.main_experts import MainExperts
+from mesh.meter import Meter, Reply, RoundRecord
 from mesh.protocol import ExpertCall, ExpertResult, WorkerError, decode, encode
+from mesh.sockets import harden
+from mesh.staging import Staging
 from nodes.model.moe import Dispatch, MoEBlock, counts_by_segment, run_experts
 
 log = logging.getLogger("moemesh.executor")
@@ -41,6 +49,7 @@ class ScatterSettings:
     micro_batch_tokens: int = 0  # rows per call (0: only the payload cap splits)
     payload_cap_bytes: int = 6 * 1024 * 1024  # AWS Lambda's synchronous payload cap
     poll_slice_s: float = 0.02  # how often a waiting gather re-checks instance health
+    security: object = None  # the MeshConfig whose [security] keys the data sockets use (None: plain)
 
 
 @dataclass
@@ -58,12 +67,14 @@ class Chunk:
 
 class MeshExecutor:
     def __init__(self, registry: Registry, meter: Meter, settings: ScatterSettings,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, main: MainExperts | None = None) -> None:
         self.registry = registry
         self.meter = meter
+        self.main = main  # the main function's experts (None: every expert held, e.g. in tests)
         self.settings = settings
         self.context = context or zmq.Context.instance()
         self.sockets: dict[str, zmq.Socket] = {}
+        self.staging = Staging()  # pinned host blocks for the rows of remote calls (plain ones on a CPU)
         self._call_ids = itertools.count(1)
         self.request_ids: list[str] = []  # requests in the current step (for the meter)
         # (request id, first row, end row, "prefill" | "decode") of the current step's flat batch
@@ -73,8 +84,10 @@ class MeshExecutor:
         self._segment_of_token = torch.zeros(0, dtype=torch.long)
         self._step_counts: torch.Tensor | None = None
         self.num_moe_layers = 0
-        self.stats = {"calls": 0, "fallbacks": 0, "retries": 0, "late": 0}
-        self._waited = False
+        self.stats = {"calls": 0, "fallbacks": 0, "retries": 0, "late": 0, "on_demand": 0}
+        self._record: RoundRecord | None = None  # the round in progress
+        self._seen_generation = -1
+        self._seen_warm: set[str] = set()  # functions that have had a warm instance
         self.rounds: dict[int, list] = {}  # layer -> [rounds, seconds, calls, bytes sent] (remote rounds only)
 
     # -- sockets -----------------------------------------------------------------------------
@@ -83,10 +96,26 @@ class MeshExecutor:
         sock = self.sockets.get(inst.instance_id)
         if sock is None:
             sock = self.context.socket(zmq.DEALER)
+            harden(sock, "data", self.settings, connect=inst.endpoint)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(inst.endpoint)
             self.sockets[inst.instance_id] = sock
         return sock
+
+    def between_steps(self) -> None:
+        """At a step boundary, once per registry change: close sockets of instances that are gone
+        and drop main-function experts that a warm function now serves."""
+        generation = self.registry.generation
+        if generation == self._seen_generation:
+            return
+        self._seen_generation = generation
+        self.prune()
+        if self.main is not None:
+            self.main.reconcile(self._served_warm)
+
+    def _served_warm(self, expert: tuple[int, int]) -> bool:
+        owner = self.registry.owner_of(expert)
+        return owner is not None and bool(self.registry.serving(owner)[0])
 
     def prune(self) -> None:
         """Close sockets of instances that are gone."""
@@ -102,11 +131,28 @@ class MeshExecutor:
     # -- one round -------------------------------------------------------------------------------
 
     def run(self, block: MoEBlock, plan: Dispatch) -> torch.Tensor:
-        start = time.perf_counter()
-        self._waited = False
-        layer = plan.layer
-        self.meter.layer_load(layer, plan.counts.numpy(), self.num_moe_layers or layer + 1)
         self._record_activations(plan)
+        capacity_factor = self.registry.plan.capacity_factor if self.registry.plan else 0.0
+        if capacity_factor > 0:  # MoEless's capacity-factor baseline: the one policy that changes tokens
+            kept = capacity_drop(plan.counts.numpy(), capacity_factor)
+            if (kept < plan.counts.numpy()).any():
+                offsets = plan.offsets
+                rows = torch.cat([torch.arange(offsets[e], offsets[e] + int(n)) for e, n in enumerate(kept)])
+                sub = Dispatch(plan.layer, plan.x[rows], plan.token[rows], plan.weight[rows],
+                               torch.as_tensor(kept, dtype=torch.long), plan.num_tokens)
+                y = torch.zeros_like(plan.x)  # a dropped slot contributes nothing: the residual carries it
+                dropped = int(plan.x.shape[0] - len(rows))
+                self.stats["dropped"] = self.stats.get("dropped", 0) + dropped
+                y[rows] = self._round(block, sub, plan.counts, dropped)
+                return y
+        return self._round(block, plan, plan.counts)
+
+    def _round(self, block: MoEBlock, plan: Dispatch, routed: torch.Tensor, dropped: int = 0) -> torch.Tensor:
+        """One scatter-gather round over `plan`'s rows; routed: [experts] slots the gate chose."""
+        start = time.perf_counter()
+        layer = plan.layer
+        rec = self._record = RoundRecord(layer, self.num_moe_layers or layer + 1, routed.numpy(),
+                                         list(self.request_ids), dropped=dropped)
         local: list[int] = []
         remote: dict[str, list[int]] = {}
         for e in plan.active_experts():
@@ -116,30 +162,68 @@ class MeshExecutor:
         y = torch.zeros_like(plan.x)
         pending: dict[int, Chunk] = {}
         fallback: list[Chunk] = []
-        pending_all: list[Chunk] = []
+        sent_rows = 0
         for function_id, experts in remote.items():
-            for chunk in self._chunks(function_id, experts, plan):
-                pending_all.append(chunk)
-                if not self._send(chunk, plan, layer, pending):
+            warm = self._replicas(function_id, layer, experts)
+            chunks = self._chunks(function_id, experts, plan, max(1, len(warm)))
+            for i, chunk in enumerate(chunks):
+                if not warm or not self._send(chunk, warm[i % len(warm)], plan, layer, pending):
                     fallback.append(chunk)
+            sent_rows += sum(len(c.rows) for c in chunks)
 
         if local:  # overlap: local experts compute while remote calls are in flight
+            self._hold(layer, local)
             run_experts(block.experts, plan, local, out=y)  # disjoint rows: written in place
 
-        replies = self._gather(plan, layer, pending, y, fallback)
-        for chunk in fallback:  # computed from the main model's copy: same rows, same maths
-            self.stats["fallbacks"] += 1
+        self._gather(plan, layer, pending, y, fallback)
+        for chunk in fallback:  # in the main function: its own (billed) copy, else loaded on demand
+            rec.fallbacks += 1
+            self._hold(layer, chunk.expert_ids)
             y[chunk.rows] = self._local(block, plan, chunk)
-        self.meter.scatter_round(layer, replies)
-        self.meter.request_calls(self.request_ids, len(replies), len(fallback))
-        if remote and not self._waited:  # rounds that waited for a cold start would skew the mean
-            sent = sum(len(c.rows) for c in pending_all) * plan.x.shape[1] * plan.x.element_size()
+        rec.seconds = time.perf_counter() - start
+        self.stats["fallbacks"] += rec.fallbacks
+        self.meter.post(rec)
+        self._record = None
+        if remote and not rec.waited_for:  # rounds that waited for a cold start would skew the mean
             acc = self.rounds.setdefault(layer, [0, 0.0, 0, 0])
             acc[0] += 1
-            acc[1] += time.perf_counter() - start
-            acc[2] += len(pending_all)
-            acc[3] += sent
+            acc[1] += rec.seconds
+            acc[2] += rec.calls
+            acc[3] += sent_rows * plan.x.shape[1] * plan.x.element_size()
         return y
+
+    def _replicas(self, function_id: str, layer: int, experts: list[int]) -> list[Instance]:
+        """The function's warm instances, healthiest first. A function still cold-starting is
+        waited for, unless the main function holds all these experts (then they run there)."""
+        warm, starting = self.registry.serving(function_id)
+        if warm:
+            self._seen_warm.add(function_id)
+        if warm or not starting:
+            return warm
+        if self.main is not None and (function_id in self._seen_warm
+                                      or all(self.main.holds((layer, e)) for e in experts)):
+            return []  # a replacement after a failure, or experts the main holds: no batch waits
+        start = time.monotonic()
+        warm = self.registry.wait_warm(function_id, self.settings.cold_start_wait_s)
+        if warm:
+            log.info("waited %.3f s for a cold start of %s", time.monotonic() - start, function_id)
+            self._record.waited_for.append(warm[0].instance_id)
+        return warm
+
+    def _hold(self, layer: int, experts: list[int]) -> None:
+        """Make sure the main function holds these experts; a load here is on the critical path."""
+        if self.main is None:
+            return
+        missing = [(layer, e) for e in experts if not self.main.holds((layer, e))]
+        if not missing:
+            return
+        loaded, seconds = self.main.load(missing, on_demand=True)
+        if loaded:
+            self.stats["on_demand"] += len(loaded)
+            self._record.on_demand.append({
+                "time": time.time(), "instance_id": "main", "function_id": "main", "node": "main",
+                "path": "on-demand", "experts": [list(e) for e in loaded], "stages": {"weights": seconds},
+                "total_s": seconds})
 
     def set_segments(self, segments: list[tuple[str, int, int, str]]) -> None:
         """The step's requests: (request id, first row, end row, "prefill" | "decode")."""
@@ -180,20 +264,25 @@ class MeshExecutor:
         return {str(layer): {"rounds": n, "mean_round_s": t / n, "calls_per_round": c / n, "bytes_per_round": b / n}
                 for layer, (n, t, c, b) in sorted(dict(self.rounds).items()) if n}
 
-    def _chunks(self, function_id: str, experts: list[int], plan: Dispatch) -> list[Chunk]:
-        """Split a function's rows into calls of at most micro_batch_tokens rows and the payload cap."""
+    def _chunks(self, function_id: str, experts: list[int], plan: Dispatch, replicas: int = 1) -> list[Chunk]:
+        """Split a function's rows into calls: at most micro_batch_tokens rows and the payload cap
+        each, and at least one call per warm replica when there are rows enough (replicas share a
+        round's rows evenly, as the planner assumes)."""
         row_bytes = plan.x.shape[1] * plan.x.element_size()
         cap = max(1, self.settings.payload_cap_bytes // row_bytes - 1)
         per_layer = self.registry.plan.micro_batch_tokens if self.registry.plan else ()
         micro = per_layer[plan.layer] if plan.layer < len(per_layer) else self.settings.micro_batch_tokens
         if micro:  # the plan's per-layer knob, else policy.micro_batch_tokens
             cap = min(cap, micro)
+        offsets = plan.offsets
+        if replicas > 1:
+            total = sum(offsets[e + 1] - offsets[e] for e in experts)
+            cap = min(cap, max(1, -(-total // replicas)))  # ceil(total / replicas)
         chunks: list[Chunk] = []
         ids: list[int] = []
         counts: list[int] = []
         rows: list[torch.Tensor] = []
         size = 0
-        offsets = plan.offsets
         for e in experts:
             start, stop = offsets[e], offsets[e + 1]
             while start < stop:
@@ -210,39 +299,29 @@ class MeshExecutor:
             chunks.append(Chunk(function_id, ids, counts, torch.cat(rows)))
         return chunks
 
-    def _pick(self, chunk: Chunk, index: int) -> Instance | None:
-        warm, starting = self.registry.serving(chunk.function_id)
-        if not warm and starting:
-            start = time.monotonic()
-            warm = self.registry.wait_warm(chunk.function_id, self.settings.cold_start_wait_s)
-            self._waited = True
-            if warm:
-                log.info("waited %.3f s for a cold start of %s", time.monotonic() - start, chunk.function_id)
-                self.meter.cold_start_on_path(warm[0].instance_id, self.request_ids)
-        if chunk.instance is not None:  # a retry: another replica than the one that failed
-            warm = [i for i in warm if i.instance_id != chunk.instance.instance_id]
-        return warm[index % len(warm)] if warm else None
+    def _retry_target(self, chunk: Chunk) -> Instance | None:
+        """Another warm replica than the one that failed (waits for none)."""
+        warm, _ = self.registry.serving(chunk.function_id)
+        others = [i for i in warm if chunk.instance is None or i.instance_id != chunk.instance.instance_id]
+        return others[0] if others else None
 
-    def _send(self, chunk: Chunk, plan: Dispatch, layer: int, pending: dict[int, Chunk]) -> bool:
-        inst = self._pick(chunk, len(pending))
-        if inst is None:
-            return False
+    def _send(self, chunk: Chunk, inst: Instance, plan: Dispatch, layer: int, pending: dict[int, Chunk]) -> bool:
         call_id = next(self._call_ids)
         msg = ExpertCall(call_id=call_id, layer=layer, expert_ids=chunk.expert_ids, counts=chunk.counts,
-                         x=plan.x[chunk.rows].contiguous())
+                         x=self.staging.to_host(plan.x, chunk.rows))
         try:
             self._socket(inst).send_multipart(encode(msg), copy=False, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            log.warning("call to %s not sent (%s); computing locally", inst.instance_id, exc)
+            log.warning("call to %s not sent (%s); computing in the main function", inst.instance_id, exc)
             return False
         chunk.instance, chunk.sent_at = inst, time.perf_counter()
         pending[call_id] = chunk
         self.stats["calls"] += 1
+        self._record.calls += 1
         return True
 
     def _gather(self, plan: Dispatch, layer: int, pending: dict[int, Chunk], y: torch.Tensor,
-                fallback: list[Chunk]) -> list[tuple[str, str, float]]:
-        replies: list[tuple[str, str, float]] = []
+                fallback: list[Chunk]) -> None:
         deadline = time.perf_counter() + self.settings.call_timeout_s
         poller = zmq.Poller()
         for sock in {id(self.sockets[c.instance.instance_id]): self.sockets[c.instance.instance_id]
@@ -253,6 +332,7 @@ class MeshExecutor:
             if left <= 0:
                 for call_id in list(pending):
                     self.stats["late"] += 1
+                    self._record.late += 1
                     self._failed(pending.pop(call_id), "no reply within call_timeout_s", plan, layer,
                                  pending, fallback, poller)
                 deadline = time.perf_counter() + self.settings.call_timeout_s
@@ -264,14 +344,13 @@ class MeshExecutor:
                         frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._reply(frames, pending, y, replies, plan, layer, fallback, poller)
+                    self._reply(frames, pending, y, plan, layer, fallback, poller)
             for call_id, chunk in list(pending.items()):  # a dead instance will never answer
                 if self.registry.state_of(chunk.instance.instance_id) is not State.WARM:
                     pending.pop(call_id)
                     self._failed(chunk, "instance is gone", plan, layer, pending, fallback, poller)
-        return replies
 
-    def _reply(self, frames, pending, y, replies, plan, layer, fallback, poller) -> None:
+    def _reply(self, frames, pending, y, plan, layer, fallback, poller) -> None:
         try:
             msg = decode(frames)
         except ProtocolError as exc:
@@ -283,10 +362,10 @@ class MeshExecutor:
         inst = chunk.instance
         if isinstance(msg, ExpertResult) and tuple(msg.y.shape) == (len(chunk.rows), plan.x.shape[1]):
             latency = time.perf_counter() - chunk.sent_at
-            y[chunk.rows] = msg.y.to(y.dtype)
+            self.staging.to_device(msg.y, y, chunk.rows)
             inst.suspect = 0
-            replies.append((inst.instance_id, chunk.function_id, latency))
-            self.meter.invocation(inst.instance_id, latency, msg.compute_s)
+            self._record.replies.append(Reply(inst.instance_id, chunk.function_id, latency, msg.compute_s,
+                                              len(chunk.rows)))
             return
         reason = f"{msg.code}: {msg.message}" if isinstance(msg, WorkerError) else f"unexpected {type(msg).__name__}"
         self._failed(chunk, reason, plan, layer, pending, fallback, poller)
@@ -296,10 +375,12 @@ class MeshExecutor:
         inst.suspect += 1
         log.warning("call to %s (layer %d, experts %s) failed: %s", inst.instance_id, layer,
                     chunk.expert_ids, reason)
-        if chunk.attempt < self.settings.retries:
+        target = self._retry_target(chunk) if chunk.attempt < self.settings.retries else None
+        if target is not None:
             chunk.attempt += 1
             self.stats["retries"] += 1
-            if self._send(chunk, plan, layer, pending):
+            self._record.retries += 1
+            if self._send(chunk, target, plan, layer, pending):
                 sock = self.sockets[chunk.instance.instance_id]
                 poller.register(sock, zmq.POLLIN)
                 return

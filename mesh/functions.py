@@ -17,6 +17,7 @@ import enum
 import itertools
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from allocator.plan import Expert, FunctionSpec, Plan
@@ -64,6 +65,9 @@ class Registry:
         self.functions: dict[str, FunctionSpec] = {}
         self.instances: dict[str, Instance] = {}
         self._ids = itertools.count()
+        # Instance ids are unique across coordinator restarts: a re-registered daemon may still
+        # run the last coordinator's "fn.0.0", which must not be mistaken for a new one.
+        self.epoch = uuid.uuid4().hex[:4]
         self.generation = 0  # bumped on every change the engine thread must notice
 
     # -- plan ------------------------------------------------------------------------------
@@ -91,7 +95,7 @@ class Registry:
 
     def new_instance(self, spec: FunctionSpec, replica: int, node: str) -> Instance:
         with self.cond:
-            inst = Instance(f"{spec.id}.{replica}.{next(self._ids)}", spec.id, node, replica, spec.memory_gb,
+            inst = Instance(f"{spec.id}.{replica}.{next(self._ids)}-{self.epoch}", spec.id, node, replica, spec.memory_gb,
                             frozenset(spec.experts))
             self.instances[inst.instance_id] = inst
             self._changed()
@@ -116,6 +120,11 @@ class Registry:
                 inst.state = State.FAILED
             self._changed()
             return lost
+
+    def live_on(self, node: str) -> list[Instance]:
+        """Instances starting or warm on `node`."""
+        with self.cond:
+            return [i for i in self.instances.values() if i.node == node and i.live]
 
     def load_on(self, node: str) -> float:
         with self.cond:

@@ -3,7 +3,9 @@
 Prompts come from ../shared/data/prompts (GSM8K test problems and MT-bench questions); where
 that folder is absent a few built-in prompts stand in. The first prompt streams to stdout; the
 rest run concurrently beside it (continuous batching). Then the meter's summary: GB-s and money
-against the all-local baseline, TTFT/TPOT and SLO attainment, cold starts.
+against the all-local baseline, TTFT/TPOT and SLO attainment, cold starts; and, with
+`compare_with`, the same prompts replayed on fresh meshes under those policies (all-local and
+all-remote by default), measured by their meters in the same run, in one table.
 """
 
 from __future__ import annotations
@@ -43,7 +45,35 @@ def job_prompts(n: int) -> list[str]:
     return prompts
 
 
-async def run_main_job(address: str, n_prompts: int = 6, max_new_tokens: int = 24) -> int:
+def compare_table(config, prompts: list[str], max_new_tokens: int, ours: dict,
+                  policies: tuple[str, ...] = ("all-local", "all-remote")) -> list[dict]:
+    """The same prompts (all sent at once, as above) on a fresh mesh per policy; rows of the
+    meters' figures with ours first, printed as a table."""
+    from mesh import compare
+    from mesh import workload as wl
+
+    requests = tuple(wl.WorkloadRequest(0.0, p, len(p), len(p), max_new_tokens, "default", "main-job", {})
+                     for p in prompts)
+    work = wl.Workload({"source": "mesh-up --run-main-job", "requests": len(prompts)}, requests)
+    rows = [ours]
+    for policy in policies:
+        overrides = {"billing.mode": config.billing.mode, "model.path": config.model.path,
+                     "policy.profiles": config.policy.profiles}
+        row = compare.run_one(compare.run_config(policy, config.billing.mode, None, overrides, None), work,
+                              label=policy)
+        rows.append({"policy": policy, "gb_s": row["gb_s"], "cost": row["cost"],
+                     "slo": row["slo_attainment"], "functions": row["functions"]})
+    base = next((r["cost"] for r in rows if r["policy"] == "all-local"), None)
+    print(f"\n=== the same {len(prompts)} prompts under each policy (each mesh's own meter, {config.billing.mode} mode) ===")
+    print(f"{'policy':<14}{'GB-s':>10}{'cost $':>14}{'vs all-local':>14}{'SLO met':>9}{'functions':>11}")
+    for r in rows:
+        ratio = f"{r['cost'] / base:.2f}x" if base else "-"
+        print(f"{r['policy']:<14}{r['gb_s']:>10.3f}{r['cost']:>14.8f}{ratio:>14}{r['slo']:>9.0%}{r['functions']:>11}")
+    return rows
+
+
+async def run_main_job(address: str, n_prompts: int = 6, max_new_tokens: int = 24, config=None,
+                       compare_with: tuple[str, ...] = ()) -> int:
     prompts = job_prompts(n_prompts)
     async with MeshClient(address, timeout_s=120) as client:
         async def one(i: int, prompt: str):
@@ -75,7 +105,13 @@ async def run_main_job(address: str, n_prompts: int = 6, max_new_tokens: int = 2
                   f"(target {c['ttft_target_s']} s), TPOT p50 {c['tpot']['p50']:.3f} s (target {c['tpot_target_s']} s)")
     colds = [i for i in status["instances"] if i.get("started_at")]
     print(f"cold starts   {len(colds)}; engine {status['engine']}")
-    return 0 if all(r[2] is not None for r in results) else 1
+    ok = all(r[2] is not None for r in results)
+    if config is not None and compare_with:
+        met = sum(bool(r[2] and r[2].record["slo"]["met"]) for r in results) / len(results)
+        ours = {"policy": f"{status['policy'].get('name')} (this mesh)", "gb_s": billing["gb_s"],
+                "cost": billing["cost"], "slo": met, "functions": len({i["function_id"] for i in status["instances"]})}
+        await asyncio.to_thread(compare_table, config, prompts, max_new_tokens, ours, compare_with)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -10,8 +10,15 @@ Billing modes (DESIGN.md, "Billing, SLOs, stragglers"):
 The all-local baseline is what the serverful deployment (every expert in the main function)
 would be billed for the same traffic, in the same mode.
 
-Thread-safety: the engine thread reports calls and rounds, the asyncio thread reports
-instance lifecycle and requests; every public method takes the lock.
+Thread-safety (STYLE.md item 16): the engine thread never takes the meter's lock. It hands the
+meter one `RoundRecord` per scatter-gather round and one `StepRecord` per engine step through
+`post()`, a lock-free append; the meter folds them under its lock whenever something reads it
+(a snapshot, billing, a finished request). The asyncio thread reports instance lifecycle and
+requests through the locked methods. A snapshot never stalls a round.
+
+SLO attainment (DESIGN.md): a request meets its SLO when it finished normally with TTFT and TPOT
+within its class's targets; a request that failed or timed out is a miss, tokens or not. A
+request the client cancelled is counted apart (`cancelled`), neither met nor missed.
 """
 
 from __future__ import annotations
@@ -24,6 +31,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+FAILED_REASONS = ("error", "timeout")  # finish reasons that are SLO misses whatever the latencies
+DEATHS = ("died", "failed", "hung")  # instance stop reasons that are deaths (not a scale-to-zero)
+
+
+def _on_gpu(device: str) -> bool:
+    """A plan says "gpu", a torch device "cuda" or "cuda:N": either is billed at the GPU price."""
+    return device == "gpu" or device.startswith("cuda")
+
 
 @dataclass(frozen=True)
 class Prices:
@@ -33,6 +48,43 @@ class Prices:
     per_million_requests: float = 0.20
     bill_init: bool = True  # AWS bills INIT since Aug 2025
     round_ms: float = 1.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answered ExpertCall of a round."""
+
+    instance_id: str
+    function_id: str
+    latency_s: float  # round trip as the executor saw it (stragglers)
+    compute_s: float  # the worker's own execution time (billed in invocation mode)
+    rows: int  # token-slots it computed
+
+
+@dataclass
+class RoundRecord:
+    """Everything one scatter-gather round tells the meter, handed over once (no lock)."""
+
+    layer: int
+    layers: int
+    counts: np.ndarray  # [experts] token-slots routed to each expert this round
+    request_ids: list[str]
+    replies: list[Reply] = field(default_factory=list)
+    calls: int = 0  # ExpertCalls sent (retries included)
+    fallbacks: int = 0  # chunks computed in the main function after their calls failed
+    retries: int = 0
+    late: int = 0  # calls given up on after call_timeout_s
+    waited_for: list[str] = field(default_factory=list)  # instances whose cold start this round waited for
+    on_demand: list[dict] = field(default_factory=list)  # experts loaded into the main function on the path
+    dropped: int = 0  # token-slots dropped by a capacity factor (they change tokens)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step: the main function's busy time."""
+
+    busy_s: float
 
 
 @dataclass
@@ -55,6 +107,7 @@ class InstanceRecord:
     stages: dict = field(default_factory=dict)
     critical_path: bool = False
     invocations: int = 0
+    rows: int = 0  # token-slots it computed
     billed_call_s: float = 0.0
     busy_s: float = 0.0
     last_used: float | None = None
@@ -69,7 +122,13 @@ class InstanceRecord:
         return max(0.0, (self.stopped_at or now) - self.started_at)
 
     def init_s(self) -> float:
+        """Cold start to ready: every stage (the critical-path latency)."""
         return sum(self.stages.values())
+
+    def billed_init_s(self) -> float:
+        """INIT as Lambda bills it: the function's own start (limits, weights, ready), not the
+        platform's sandbox creation ("spawn": the fork, queued behind other forks on a busy node)."""
+        return sum(v for k, v in self.stages.items() if k != "spawn")
 
 
 @dataclass
@@ -85,6 +144,11 @@ class RequestRecord:
     remote_calls: int = 0
     fallbacks: int = 0
     cold_starts_on_path: list = field(default_factory=list)
+    estimate: dict | None = None  # the planner's figures for this request (allocator.cost)
+
+    @property
+    def failed(self) -> bool:
+        return self.finish_reason in FAILED_REASONS
 
     @property
     def ttft_s(self) -> float | None:
@@ -139,34 +203,97 @@ class Meter:
         self.retired: dict[str, dict] = {}  # function id -> billing of instances folded away
         self.keep_stopped = 500  # stopped instance records kept in detail
         self.baseline_main_memory_gb: float | None = None
+        self.main_held_bytes = 0  # tensors the main function really holds
+        self.main_experts = 0  # routed experts among them
         self.policy: dict = {}
         self.nodes: list[dict] = []
         self.rounds = 0
+        self.data_plane = {"calls": 0, "replies": 0, "fallbacks": 0, "retries": 0, "late": 0,
+                           "on_demand_loads": 0, "cold_start_waits": 0, "dropped_slots": 0}
+        self._posted: deque = deque()  # RoundRecord / StepRecord from the engine thread, not yet folded
 
     # -- main function ---------------------------------------------------------------------
 
     def set_main(self, memory_gb: float, device: str = "cpu", baseline_memory_gb: float | None = None) -> None:
         """The main function's size from now on (a re-plan may resize it; earlier time keeps its size)."""
         with self._lock:
+            self._fold()  # busy time so far is billed at the size it ran with
             now = self.clock()
             self.main_gb_s_before += self.main_memory_gb * (now - self.main_since)
             self.main_since = now
             self.main_memory_gb, self.main_device = memory_gb, device
             self.baseline_main_memory_gb = baseline_memory_gb
 
-    def main_busy(self, seconds: float) -> None:
+    def main_held(self, held_bytes: int, experts: int) -> None:
+        """What the main function's process holds now (its billed size comes through set_main)."""
         with self._lock:
-            self.main_busy_s += seconds
-            self.main_busy_gb_s += self.main_memory_gb * seconds
+            self.main_held_bytes, self.main_experts = int(held_bytes), int(experts)
+
+    def main_loaded(self, experts: list, seconds: float, why: str) -> None:
+        """The main function loaded these experts (a re-plan): timed, billed from now on."""
+        with self._lock:
+            self.cold_starts.append({
+                "time": self.clock(), "instance_id": "main", "function_id": "main", "node": "main",
+                "path": why, "experts": [list(e) for e in experts], "stages": {"weights": seconds},
+                "total_s": seconds, "critical_path": False})
+
+    def main_busy(self, seconds: float) -> None:
+        self.post(StepRecord(seconds))
+
+    # -- the engine thread's hand-over --------------------------------------------------------
+
+    def post(self, record: RoundRecord | StepRecord) -> None:
+        """Hand over one round's or step's figures; never blocks (deque.append is atomic)."""
+        self._posted.append(record)
+
+    def _fold(self) -> None:
+        """Apply every posted record (caller holds the lock)."""
+        posted = self._posted
+        while posted:
+            record = posted.popleft()
+            if isinstance(record, StepRecord):
+                self.main_busy_s += record.busy_s
+                self.main_busy_gb_s += self.main_memory_gb * record.busy_s
+            else:
+                self._round(record)
+
+    def _round(self, rec: RoundRecord) -> None:
+        self._layer_load(rec.layer, rec.counts, rec.layers)
+        for reply in rec.replies:
+            self._invocation(reply.instance_id, reply.latency_s, reply.compute_s, reply.rows)
+        if rec.calls or rec.fallbacks:
+            self._scatter_round(rec.layer, [(r.instance_id, r.function_id, r.latency_s) for r in rec.replies])
+        for instance_id in rec.waited_for:
+            self._cold_start_on_path(instance_id, rec.request_ids)
+        for load in rec.on_demand:
+            self.cold_starts.append({**load, "critical_path": True})
+        dp = self.data_plane
+        dp["calls"] += rec.calls
+        dp["replies"] += len(rec.replies)
+        dp["fallbacks"] += rec.fallbacks
+        dp["retries"] += rec.retries
+        dp["late"] += rec.late
+        dp["on_demand_loads"] += len(rec.on_demand)
+        dp["cold_start_waits"] += len(rec.waited_for)
+        dp["dropped_slots"] += rec.dropped
+        if rec.calls or rec.fallbacks:
+            for rid in rec.request_ids:
+                req = self.requests.get(rid)
+                if req is not None:
+                    req.remote_calls += len(rec.replies)
+                    req.fallbacks += rec.fallbacks
+                    req.cold_starts_on_path += [f"main:{o['experts']}" for o in rec.on_demand]
 
     # -- instances ---------------------------------------------------------------------------
 
     def instance_requested(self, instance_id: str, function_id: str, node: str, memory_gb: float,
-                           experts: list, replica: int, path: str, keep_alive_s: float) -> None:
+                           experts: list, replica: int, path: str, keep_alive_s: float,
+                           device: str = "cpu") -> None:
+        """device: "gpu" for an instance on a GPU node (billed at the GPU price), else "cpu"."""
         with self._lock:
             self.instances[instance_id] = InstanceRecord(
                 instance_id, function_id, node, memory_gb, [list(e) for e in experts], replica, path,
-                keep_alive_s, requested_at=self.clock(),
+                keep_alive_s, requested_at=self.clock(), device="gpu" if _on_gpu(device) else "cpu",
             )
 
     def instance_ready(self, instance_id: str, started_at: float, stages: dict, cgroup: dict | None = None,
@@ -188,16 +315,19 @@ class Meter:
     def cold_start_on_path(self, instance_id: str, request_ids: list[str]) -> None:
         """A call waited for this instance's cold start: mark it on those requests' critical path."""
         with self._lock:
-            rec = self.instances.get(instance_id)
-            if rec is None or rec.critical_path:
-                return
-            rec.critical_path = True
-            for cs in self.cold_starts:
-                if cs["instance_id"] == instance_id:
-                    cs["critical_path"] = True
-            for rid in request_ids:
-                if rid in self.requests:
-                    self.requests[rid].cold_starts_on_path.append(instance_id)
+            self._cold_start_on_path(instance_id, request_ids)
+
+    def _cold_start_on_path(self, instance_id: str, request_ids: list[str]) -> None:
+        rec = self.instances.get(instance_id)
+        if rec is None or rec.critical_path:
+            return
+        rec.critical_path = True
+        for cs in self.cold_starts:
+            if cs.get("instance_id") == instance_id:
+                cs["critical_path"] = True
+        for rid in request_ids:
+            if rid in self.requests:
+                self.requests[rid].cold_starts_on_path.append(instance_id)
 
     def instance_stopped(self, instance_id: str, stopped_at: float, reason: str, started_at: float | None = None) -> None:
         with self._lock:
@@ -207,8 +337,8 @@ class Meter:
             if rec.started_at is None and started_at:
                 rec.started_at = started_at
             rec.stopped_at, rec.stop_reason = stopped_at, reason
-            rec.state = "failed" if reason in ("died", "failed") else "stopped"
-            if reason in ("died", "failed"):
+            rec.state = "failed" if reason in DEATHS else "stopped"
+            if reason in DEATHS:
                 self.deaths.append({"time": stopped_at, "instance_id": instance_id,
                                     "function_id": rec.function_id, "node": rec.node, "reason": reason})
 
@@ -220,45 +350,55 @@ class Meter:
 
     # -- the data path -----------------------------------------------------------------------
 
-    def invocation(self, instance_id: str, latency_s: float, compute_s: float) -> None:
+    def invocation(self, instance_id: str, latency_s: float, compute_s: float, rows: int = 0) -> None:
         """One call: billed, as Lambda bills, for the function's own execution time (compute_s,
         measured by the worker) rounded up to round_ms; latency_s (round trip) is for stragglers."""
         with self._lock:
-            rec = self.instances.get(instance_id)
-            if rec is None:
-                return
-            rec.invocations += 1
-            step = self.prices.round_ms / 1000.0
-            rec.billed_call_s += math.ceil(compute_s / step - 1e-9) * step if step > 0 else compute_s
-            rec.busy_s += compute_s
-            rec.last_used = self.clock()
+            self._invocation(instance_id, latency_s, compute_s, rows)
+
+    def _invocation(self, instance_id: str, latency_s: float, compute_s: float, rows: int = 0) -> None:
+        rec = self.instances.get(instance_id)
+        if rec is None:
+            return
+        rec.invocations += 1
+        rec.rows += rows
+        step = self.prices.round_ms / 1000.0
+        rec.billed_call_s += math.ceil(compute_s / step - 1e-9) * step if step > 0 else compute_s
+        rec.busy_s += compute_s
+        rec.last_used = self.clock()
 
     def scatter_round(self, layer: int, replies: list[tuple[str, str, float]]) -> list[dict]:
         """replies: (instance_id, function_id, latency_s) of one scatter-gather round.
         Flags replies later than straggler_k x the round's median; returns the flagged ones."""
         with self._lock:
-            self.rounds += 1
-            if len(replies) < 2:
-                return []
-            median = float(np.median([r[2] for r in replies]))
-            flagged = []
-            for instance_id, function_id, latency in replies:
-                if median > 0 and latency > self.straggler_k * median:
-                    item = {"time": self.clock(), "instance_id": instance_id, "function_id": function_id,
-                            "layer": layer, "latency_s": latency, "median_s": median, "ratio": latency / median}
-                    self.stragglers.append(item)
-                    flagged.append(item)
-            return flagged
+            return self._scatter_round(layer, replies)
+
+    def _scatter_round(self, layer: int, replies: list[tuple[str, str, float]]) -> list[dict]:
+        self.rounds += 1
+        if len(replies) < 2:
+            return []
+        median = float(np.median([r[2] for r in replies]))
+        flagged = []
+        for instance_id, function_id, latency in replies:
+            if median > 0 and latency > self.straggler_k * median:
+                item = {"time": self.clock(), "instance_id": instance_id, "function_id": function_id,
+                        "layer": layer, "latency_s": latency, "median_s": median, "ratio": latency / median}
+                self.stragglers.append(item)
+                flagged.append(item)
+        return flagged
 
     def layer_load(self, layer: int, counts: np.ndarray, layers: int) -> None:
         """counts [experts] token-slots routed to each expert in one MoE layer pass."""
         with self._lock:
-            if self.load is None or self.load.shape != (layers, len(counts)):
-                self.load = np.zeros((layers, len(counts)), dtype=np.int64)
-            self.load[layer] += counts
-            mean = float(counts.mean())
-            if mean > 0:
-                self.imbalance[layer] = float(counts.max()) / mean
+            self._layer_load(layer, counts, layers)
+
+    def _layer_load(self, layer: int, counts: np.ndarray, layers: int) -> None:
+        if self.load is None or self.load.shape != (layers, len(counts)):
+            self.load = np.zeros((layers, len(counts)), dtype=np.int64)
+        self.load[layer] += counts
+        mean = float(counts.mean())
+        if mean > 0:
+            self.imbalance[layer] = float(counts.max()) / mean
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -266,6 +406,12 @@ class Meter:
         with self._lock:
             self.requests_total += 1
             self.requests[request_id] = RequestRecord(request_id, slo_class, prompt_tokens, self.clock())
+
+    def request_estimate(self, request_id: str, estimate: dict | None) -> None:
+        with self._lock:
+            rec = self.requests.get(request_id)
+            if rec is not None:
+                rec.estimate = estimate
 
     def token(self, request_id: str) -> None:
         with self._lock:
@@ -277,6 +423,7 @@ class Meter:
 
     def request_calls(self, request_ids: list[str], calls: int, fallbacks: int) -> None:
         with self._lock:
+            self._fold()
             for rid in request_ids:
                 rec = self.requests.get(rid)
                 if rec is not None:
@@ -285,6 +432,7 @@ class Meter:
 
     def request_done(self, request_id: str, finish_reason: str) -> dict:
         with self._lock:
+            self._fold()
             rec = self.requests.pop(request_id, None)
             if rec is None:
                 return {}
@@ -293,8 +441,12 @@ class Meter:
             return self._record(rec)
 
     def _slo_met(self, rec: RequestRecord) -> bool:
+        """Finished normally, first token within the TTFT target, mean TPOT within its target.
+        A failed or timed-out request is a miss; a request without a first token is a miss."""
+        if rec.failed or rec.ttft_s is None:
+            return False
         ttft_target, tpot_target = self.slo_classes.get(rec.slo_class, (math.inf, math.inf))
-        return (rec.ttft_s or 0.0) <= ttft_target and (rec.tpot_s or 0.0) <= tpot_target
+        return rec.ttft_s <= ttft_target and (rec.tpot_s or 0.0) <= tpot_target
 
     def _record(self, rec: RequestRecord) -> dict:
         ttft_target, tpot_target = self.slo_classes.get(rec.slo_class, (None, None))
@@ -306,6 +458,7 @@ class Meter:
             "slo": {"ttft_target_s": ttft_target, "tpot_target_s": tpot_target, "met": self._slo_met(rec)},
             "remote_calls": rec.remote_calls, "fallbacks": rec.fallbacks,
             "cold_starts_on_path": list(rec.cold_starts_on_path), "policy": self.policy.get("name"),
+            "estimate": rec.estimate,
         }
 
     # -- billing and the snapshot --------------------------------------------------------------
@@ -313,7 +466,7 @@ class Meter:
     def _instance_gb_s(self, rec: InstanceRecord, now: float) -> float:
         if self.prices.mode == "instance":
             return rec.memory_gb * rec.lifetime(now)
-        init = rec.init_s() if (self.prices.bill_init and rec.started_at is not None) else 0.0
+        init = rec.billed_init_s() if (self.prices.bill_init and rec.started_at is not None) else 0.0
         return rec.memory_gb * (rec.billed_call_s + init)
 
     def _main_seconds(self, now: float) -> float:
@@ -341,6 +494,7 @@ class Meter:
 
     def billing(self) -> dict:
         with self._lock:
+            self._fold()
             return self._billing(self.clock())
 
     def _billing(self, now: float) -> dict:
@@ -356,7 +510,7 @@ class Meter:
             entry["gb_s"] += gb_s
             entry["cost"] += gb_s * (self.prices.gpu_gb_s if rec.device == "gpu" else self.prices.cpu_gb_s)
             entry["invocations"] += rec.invocations
-        main_rate = self.prices.gpu_gb_s if self.main_device.startswith("cuda") else self.prices.cpu_gb_s
+        main_rate = self.prices.gpu_gb_s if _on_gpu(self.main_device) else self.prices.cpu_gb_s
         main_gb_s = self._main_gb_s(now)
         requests = self.requests_total
         per_request = self.prices.per_million_requests / 1e6
@@ -382,11 +536,13 @@ class Meter:
         recent = [r for r in self.finished if r.done_at is not None and now - r.done_at <= self.window_s]
         classes = {}
         for name, (ttft_target, tpot_target) in self.slo_classes.items():
-            mine = [r for r in recent if r.slo_class == name]
+            mine = [r for r in recent if r.slo_class == name and r.finish_reason != "cancelled"]
             met = sum(1 for r in mine if self._slo_met(r))
             classes[name] = {
                 "ttft_target_s": ttft_target, "tpot_target_s": tpot_target, "requests": len(mine),
                 "attained": met, "attainment": (met / len(mine)) if mine else None,
+                "failed": sum(1 for r in mine if r.failed),
+                "cancelled": sum(1 for r in recent if r.slo_class == name and r.finish_reason == "cancelled"),
                 "ttft": _percentiles([r.ttft_s for r in mine if r.ttft_s is not None]),
                 "tpot": _percentiles([r.tpot_s for r in mine if r.tpot_s is not None]),
             }
@@ -395,6 +551,7 @@ class Meter:
 
     def snapshot(self) -> dict:
         with self._lock:
+            self._fold()
             now = self.clock()
             instances = []
             stopped = [r for r in self.instances.values() if r.stopped_at is not None]
@@ -409,6 +566,7 @@ class Meter:
                     "instance_id": rec.instance_id, "function_id": rec.function_id, "node": rec.node,
                     "state": rec.state, "memory_gb": rec.memory_gb, "experts": rec.experts,
                     "replica": rec.replica, "keep_alive_left_s": left, "invocations": rec.invocations,
+                    "rows": rec.rows,
                     "started_at": rec.started_at, "stopped_at": rec.stopped_at, "path": rec.path,
                     "stop_reason": rec.stop_reason, "cgroup": rec.cgroup, "cgroup_skipped": rec.cgroup_skipped,
                     "pid": rec.pid, "endpoint": rec.endpoint, "stages": dict(rec.stages),
@@ -424,5 +582,37 @@ class Meter:
                                "imbalance": {str(k): v for k, v in sorted(self.imbalance.items())}},
                 "nodes": list(self.nodes), "instances": instances,
                 "cold_starts": list(self.cold_starts)[-50:], "deaths": list(self.deaths)[-50:],
-                "load": load, "rounds": self.rounds,
+                "load": load, "rounds": self.rounds, "data_plane": dict(self.data_plane),
+                "main": {"memory_gb": self.main_memory_gb, "device": self.main_device,
+                         "held_bytes": self.main_held_bytes, "experts": self.main_experts},
             }
+
+    # -- read-out for mesh/prometheus.py (issue 13): per-instance ledger ------------------------
+
+    def instance_ledger(self) -> list[dict]:
+        """One row per instance still held in detail, plus a row for the main function
+        (function_id "main", node "coordinator"): what it has been billed so far.
+
+        row: instance_id, function_id, node, path, state, ready_at (None: not ready yet),
+             stages {stage: s}, gb_s, cost (dollars; in invocation mode the per-request fee of
+             its invocations included, and the main row carries the per-request fee of requests)
+        Instances folded into `retired` are not listed: mesh/prometheus.py keeps their last row.
+        """
+        with self._lock:
+            self._fold()
+            now = self.clock()
+            fee = self.prices.per_million_requests / 1e6 if self.prices.mode == "invocation" else 0.0
+            rows = []
+            for rec in self.instances.values():
+                gb_s = self._instance_gb_s(rec, now)
+                rate = self.prices.gpu_gb_s if rec.device == "gpu" else self.prices.cpu_gb_s
+                rows.append({"instance_id": rec.instance_id, "function_id": rec.function_id, "node": rec.node,
+                             "path": rec.path, "state": rec.state, "ready_at": rec.ready_at,
+                             "stages": dict(rec.stages), "gb_s": gb_s,
+                             "cost": gb_s * rate + rec.invocations * fee})
+            main_rate = self.prices.gpu_gb_s if _on_gpu(self.main_device) else self.prices.cpu_gb_s
+            main_gb_s = self._main_gb_s(now)
+            rows.append({"instance_id": "main", "function_id": "main", "node": "coordinator", "path": "",
+                         "state": "warm", "ready_at": None, "stages": {}, "gb_s": main_gb_s,
+                         "cost": main_gb_s * main_rate + self.requests_total * fee})
+            return rows

@@ -26,27 +26,24 @@ log = logging.getLogger("moemesh.planning")
 
 
 def model_shape(config: MoEConfig, dtype_bytes: int = 4, name: str = "") -> ModelShape:
-    """Byte counts of the model as the mesh holds it (float32 by default)."""
+    """Byte counts of the model as the mesh holds it, at `dtype_bytes` per weight.
+
+    main_bytes is counted from the very modules the main function allocates (built on the meta
+    device: no memory), so the planner's main size and the tensors the coordinator holds agree
+    exactly (DESIGN.md: what the planner assumes is what runs).
+    """
+    import torch
+
+    from nodes.model.model import MoEModel
+
+    with torch.device("meta"):
+        main_params = MoEModel(config, experts=()).held_bytes() // 4  # meta tensors are float32
     hidden = config.hidden_size
     expert_params = 3 * hidden * config.expert_intermediate_size
     if config.attention == "mla":
-        q = (hidden * config.q_lora_rank + config.q_lora_rank * config.num_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim)
-             if config.q_lora_rank else hidden * config.num_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim))
-        attention = (q + hidden * (config.kv_lora_rank + config.qk_rope_head_dim)
-                     + config.kv_lora_rank * config.num_heads * (config.qk_nope_head_dim + config.v_head_dim)
-                     + config.num_heads * config.v_head_dim * hidden)
         kv_per_token = config.num_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     else:
-        attention = hidden * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
         kv_per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim
-    dense_layers = config.num_layers - config.num_moe_layers
-    shared = 3 * hidden * config.shared_intermediate_size
-    main_params = (
-        config.num_layers * (attention + 2 * hidden)
-        + config.num_moe_layers * (config.num_experts * hidden + shared)
-        + dense_layers * 3 * hidden * config.dense_intermediate_size
-        + config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2) + hidden
-    )
     return ModelShape(
         moe_layers=config.num_moe_layers, experts_per_layer=config.num_experts, top_k=config.top_k, hidden=hidden,
         bytes_per_expert=expert_params * dtype_bytes, main_bytes=main_params * dtype_bytes,
@@ -55,9 +52,33 @@ def model_shape(config: MoEConfig, dtype_bytes: int = 4, name: str = "") -> Mode
     )
 
 
+DEFAULT_WORKLOAD = Workload(prompt_tokens=64, new_tokens=32)  # a plan made without a request
+
+
+def main_billed_gb(held_bytes: int, config: MeshConfig, profiles: Profiles,
+                   workload: Workload = DEFAULT_WORKLOAD) -> float:
+    """Main-function memory for `held_bytes` of weights: the same sum as the planner's
+    (allocator.sizing.main_required_gb: weights + KV and activations of the workload + runtime),
+    on the memory grid. The meter bills the main function at (at least) this size."""
+    from allocator.sizing import BYTES_PER_GB
+
+    shape = profiles.shape
+    state = workload.total_tokens * (shape.kv_bytes_per_token + shape.activation_bytes)
+    need = (held_bytes + state) / BYTES_PER_GB + profiles.runtime_gb
+    cluster = cluster_of(config)
+    return cluster.grid.round_up(need, maximum_gb=cluster.main.capacity_gb)
+
+
+def dtype_bytes(config: MeshConfig) -> int:
+    """Bytes per weight of `[model] dtype`, as the coordinator and the functions hold them."""
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[config.model.dtype]
+
+
 def cluster_of(config: MeshConfig) -> Cluster:
     nodes = [Node(n.name, n.kind, n.capacity_gb, max(1, int(round(n.cpus)))) for n in config.nodes]
-    main = Node("main", "gpu" if config.coordinator.device.startswith("cuda") else "cpu", 64.0, 2)
+    from mesh.device import price_kind, resolve_device
+
+    main = Node("main", price_kind(resolve_device(config.coordinator.device)), 64.0, 2)
     f, b = config.functions, config.billing
     return Cluster(
         (main, *nodes), "main",
@@ -66,6 +87,8 @@ def cluster_of(config: MeshConfig) -> Cluster:
                       per_request=b.price_per_million_requests / 1e6, gb_per_vcpu=f.gb_per_vcpu,
                       billing=b.mode, bill_init=b.bill_init, keep_alive_s=f.keep_alive_s),
         payload_limit_bytes=config.policy.payload_cap_bytes,
+        # the coordinator is not CPU-capped: it computes on coordinator.threads threads
+        main_speed_gb=config.coordinator.threads * f.gb_per_vcpu,
     )
 
 
@@ -77,9 +100,12 @@ def profiles_of(config: MeshConfig, model: MoEConfig, profiles_dir: str | Path |
     "bundled"). The stored timings are used with this model's shape as the mesh holds it.
     Logs which profiles the allocator gets.
     """
-    from mesh.profile import DEFAULT_OUT, default_host, profile_path
+    from mesh.profile_store import DEFAULT_OUT, default_host, profile_path
 
-    shape = model_shape(model)
+    shape = model_shape(model, dtype_bytes(config))
+    if config.policy.profiles == "synthetic":
+        log.info("profiles: synthetic, as [policy] profiles = \"synthetic\" asks")
+        return Profiles.synthetic(shape, host="synthetic")
     name = config.model.resolved_path().resolve().name
     folder = Path(profiles_dir) if profiles_dir is not None else DEFAULT_OUT
     for host in dict.fromkeys((default_host(), "local")):
@@ -97,9 +123,67 @@ def profiles_of(config: MeshConfig, model: MoEConfig, profiles_dir: str | Path |
                         stored.shape.bytes_per_expert, stored.shape.hidden, shape.bytes_per_expert, shape.hidden)
         log.info("profiles: measured, from %s (expert curve %s)", path, stored.expert.curve.family)
         return dataclasses.replace(stored, shape=shape)
-    log.info("profiles: synthetic (no %s; run `moemesh profile` to measure this host)",
-             profile_path(folder, default_host(), name))
-    return Profiles.synthetic(shape, host="local")
+    missing = profile_path(folder, default_host(), name)
+    if config.policy.profiles == "measured":
+        from mesh.errors import MeshError
+
+        raise MeshError(f"no measured profiles at {missing}", code="config_error",
+                        hint="run `moemesh profile`, or set [policy] profiles = \"auto\" (measure on first use)")
+    log.warning("profiles: SYNTHETIC, none measured at %s (mesh-up measures them on first use with "
+                "[policy] profiles = \"auto\"; or run `moemesh profile`)", missing)
+    return Profiles.synthetic(shape, host="synthetic")
+
+
+def running_profiles(profiles: Profiles, model=None) -> Profiles:
+    """Profiles as a running coordinator plans with them: its main function is already up, so no
+    request pays the main cold start (it was paid, and is billed, from the coordinator's start);
+    with `model` (measured profiles only), the non-expert work is timed on the model itself."""
+    from allocator.profiles import LinearModel
+
+    profiles = dataclasses.replace(profiles, main_cold_start=LinearModel(0.0, 0.0))
+    if model is not None and profiles.host != "synthetic":
+        profiles = dataclasses.replace(profiles, dense=measure_dense(model))
+    return profiles
+
+
+class _NoExperts:
+    """An ExpertExecutor that computes nothing: what is left of a forward is the dense work."""
+
+    def run(self, block, plan):
+        import torch
+
+        return torch.zeros_like(plan.x)
+
+
+def measure_dense(model, tokens: tuple[int, int] = (1, 64), repeats: int = 5):
+    """The main function's non-expert seconds per MoE layer against tokens in a step, timed on
+    this host with the model the coordinator runs (embeddings, attention, norms, gates, shared
+    experts, dense layers, head; no routed expert): a line through the medians at two sizes."""
+    import statistics
+    import time
+
+    import torch
+
+    from allocator.profiles import LinearModel
+    from nodes.model.cache import make_segments
+
+    device = next(model.parameters()).device
+    layers = max(1, model.config.num_moe_layers)
+    medians = []
+    for n in tokens:
+        times = []
+        for _ in range(repeats):
+            ids = torch.zeros(n, dtype=torch.long, device=device)
+            segments = make_segments([n], [model.new_cache()])
+            start = time.perf_counter()
+            model(ids, segments, _NoExperts(), all_logits=False)
+            times.append(time.perf_counter() - start)
+        medians.append(statistics.median(times) / layers)
+    slope = max(0.0, (medians[1] - medians[0]) / (tokens[1] - tokens[0]))
+    intercept = max(0.0, medians[0] - slope * tokens[0])
+    log.info("profiles: dense work timed on the main model: %.3f ms + %.2f us/token per MoE layer",
+             intercept * 1e3, slope * 1e6)
+    return LinearModel(intercept, slope)
 
 
 def slo_of(config: MeshConfig, slo_class: str | None = None) -> SLO:
@@ -112,15 +196,24 @@ def make_plan(config: MeshConfig, model: MoEConfig, forecast: Forecast | None = 
     """Run the configured policy (profiles: pass them to skip reading the stored ones again)."""
     profiles = profiles or profiles_of(config, model)
     shape = profiles.shape
-    workload = workload or Workload(prompt_tokens=64, new_tokens=32)
+    workload = workload or DEFAULT_WORKLOAD
     if forecast is None:
         forecast = Forecast.uniform(shape.moe_layers, shape.experts_per_layer, workload.total_tokens, shape.top_k)
     options = {"warm": tuple(warm)}
     name = config.policy.name
     if name == "static-split":
         options["remote"] = [tuple(e) for e in config.policy.remote]
-    if name in ("all-remote", "static-split") and config.policy.function_memory_gb:
-        options["memory_gb"] = config.policy.function_memory_gb
+    if name in ("all-remote", "static-split"):
+        if config.policy.function_memory_gb:
+            options["memory_gb"] = config.policy.function_memory_gb
+        options["replicas"] = config.policy.function_replicas
+    from allocator import paper_baselines
+
+    if name in paper_baselines.POLICIES:  # the papers' baselines (not in allocator.POLICIES)
+        if name == "cpu-cluster":
+            options["price_per_hour"] = config.billing.serverful_price_per_hour
+        return paper_baselines.POLICIES[name](forecast, profiles, slo_of(config), cluster_of(config), workload,
+                                              **options)
     return allocator.make_plan(name, forecast, profiles, slo_of(config), cluster_of(config), workload, **options)
 
 
@@ -138,6 +231,7 @@ def describe(plan: Plan, forecast: Forecast | None = None) -> dict:
     """The plan in force and why, as the meter publishes it (tui/ shows it)."""
     return {
         "name": plan.policy,
+        "profiles": plan.params.get("profiles", ""),
         "reason": str(plan.params.get("reason", "")),
         "forecast": None if forecast is None else {
             "source": forecast.source, "confidence": float(forecast.confidence),

@@ -45,7 +45,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -74,6 +73,7 @@ from allocator.profiles import (
 from mesh import planning
 from mesh.config import MeshConfig, load_config
 from mesh.errors import MeshError, ProtocolError
+from mesh.profile_store import DEFAULT_OUT, default_host, profile_path
 from mesh.protocol import (
     ExpertCall,
     ExpertResult,
@@ -90,12 +90,12 @@ from mesh.protocol import (
     decode,
     encode,
 )
+from mesh.sockets import harden
 from nodes.limits import Cgroups
 from nodes.model.config import MoEConfig
 from nodes.procs import die_with_parent
 from nodes.worker import read_run_record
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "profiles"  # the checkout's profiles/
 HEARTBEAT_S = 0.5
 LIVENESS = 20  # 10 s of silence before the daemon reconnects: never during a measurement
 READY_TIMEOUT_S = 120.0
@@ -103,15 +103,6 @@ CALL_TIMEOUT_S = 30.0
 WARMUP_CALLS = 3
 MEASURED = ("expert", "scatter_gather", "cold_start")
 ASSUMED = ("gpu_expert", "dense", "main_cold_start", "runtime_gb")
-
-
-def default_host() -> str:
-    """This machine's name for profiles/<host>/ ("local" when it has none)."""
-    return socket.gethostname() or "local"
-
-
-def profile_path(out: str | Path, host: str, model: str) -> Path:
-    return Path(out) / host / f"{model}.json"
 
 
 def _floats(text: str) -> list[float]:
@@ -161,6 +152,7 @@ class ControlPlane(threading.Thread):
         self.node = node
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.ROUTER)
+        harden(self.sock, "control", bind="tcp://127.0.0.1:0")
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind("tcp://127.0.0.1:0")
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -344,6 +336,7 @@ class Caller:
     def __init__(self, endpoint: str, hidden: int, dtype) -> None:
         self.context = zmq.Context()
         self.sock = self.context.socket(zmq.DEALER)
+        harden(self.sock, "data", connect=endpoint)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self.endpoint = endpoint

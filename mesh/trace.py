@@ -46,7 +46,8 @@ def trace_meta(model: MoEModel, model_id: str) -> TraceMeta:
 @torch.inference_mode()
 def prompt_features(model: MoEModel, ids: list[int], new_tokens: int, text: str = "") -> PromptFeatures:
     """What a predictor sees at admission: the prompt's input-embedding rows [n, d] and their mean."""
-    rows = model.model.embed_tokens(torch.tensor(ids)).float().numpy()
+    weight = model.model.embed_tokens.weight
+    rows = model.model.embed_tokens(torch.tensor(ids, device=weight.device)).float().cpu().numpy()
     return PromptFeatures(np.asarray(ids, dtype=np.int64), rows, rows.mean(0), new_tokens, text)
 
 
@@ -60,8 +61,8 @@ def trace_one(model: MoEModel, ids: list[int], new_tokens: int) -> dict:
     for layer, block in enumerate(model.moe_blocks()):
         def capture(_module, inputs, output, layer=layer):
             if output.experts.shape[0] == len(ids):  # the prefill pass
-                gate_inputs[layer] = inputs[0].float().mean(0).numpy()
-                routing[:, layer, :] = output.experts.numpy()
+                gate_inputs[layer] = inputs[0].float().mean(0).cpu().numpy()
+                routing[:, layer, :] = output.experts.cpu().numpy()
         hooks.append(block.gate.register_forward_hook(capture))
     try:
         cache = model.new_cache()
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", help="replay through this running mesh instead of in process")
     args = ap.parse_args(argv)
 
-    from mesh.coordinator import resolve_model_path
+    from mesh.config import resolve_model_path
     from nodes.model.checkpoint import Checkpoint
     from nodes.model.tokenizer import Tokenizer
 

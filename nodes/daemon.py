@@ -16,6 +16,17 @@ function instances on request, applies their cgroup limits, and reports what the
 Liveness (Paranoid Pirate): any message from the coordinator counts as a sign of life (it
 sends Ping); silent for `liveness x heartbeat_interval_s`, the daemon drops its socket,
 reconnects after a capped exponential backoff and registers again. Its instances keep running.
+The daemon's own NodeHeartbeat comes from its event loop, so a frozen daemon falls silent.
+
+Worker liveness (application level, from the worker's own serving loop): every
+`worker_ping_s` the daemon pings each ready worker over the worker's control DEALER, and the
+worker's serving loop answers Pong. A worker with no Pong for `hung_after_s` (default 2 s: a
+SIGSTOPped or frozen worker, sockets still open) is killed at once (SIGKILL) and answered
+"died". Each instance in NodeHeartbeat carries `heartbeat_age_s` (seconds since its last
+Pong) and `hung`, so the coordinator can retire it even before the kill lands. A daemon whose
+own loop stalled (its ping tick ran late by more than half of hung_after_s) forgives every
+worker that tick: a stall of the judge is not the workers' fault. StopFunction with reason
+"hung" kills the instance at once (no grace: it would not hear a StopFunction).
 
 How an instance stops, and the reason its InstanceStopped gives:
 
@@ -26,7 +37,8 @@ How an instance stops, and the reason its InstanceStopped gives:
     the worker sent a dead sentinel (InstanceStopped
       "failed") before it exited                            "failed"
     any other exit: a signal (kill -9, the cgroup's OOM
-      killer) or a non-zero code                            "died"
+      killer, the daemon's kill of a hung worker) or a
+      non-zero code                                         "died"
 
 An instance that ends before it was ready is answered by SpawnFailed (with the worker's own
 error, or its exit and the tail of its log) instead. started_at / stopped_at come from the
@@ -61,6 +73,7 @@ from typing import TYPE_CHECKING
 import zmq
 import zmq.asyncio
 
+from mesh import security
 from mesh.errors import MeshError, ProtocolError
 from mesh.protocol import (
     InstanceReady,
@@ -82,6 +95,7 @@ from mesh.protocol import (
     decode,
     encode,
 )
+from mesh.sockets import harden
 from nodes import resources
 from nodes.limits import Applied, Cgroups, CgroupUnavailable
 from nodes.procs import pack, read_message_async
@@ -93,7 +107,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("nodes.daemon")
 
 BACKOFF_INITIAL_S = 0.25
-BACKOFF_MAX_S = 8.0
+BACKOFF_MAX_S = 2.0  # a healed link or a restarted coordinator is rejoined within ~2 s
+WORKER_PING_S = 0.25  # how often a ready worker is pinged (its serving loop answers Pong)
+HUNG_AFTER_S = 2.0  # no Pong for this long: the worker is hung and killed
 ZYGOTE_START_TIMEOUT_S = 60.0
 FORK_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 8
@@ -110,6 +126,8 @@ class DaemonSettings:
     heartbeat_interval_s, liveness: used until the coordinator's RegisterAck says otherwise
     stop_grace_s:         how long a stopped worker may take before SIGKILL
     ready_timeout_s:      how long a spawn may take (plus its start delay) before SIGKILL
+    worker_ping_s:        how often ready workers are pinged (their serving loop answers)
+    hung_after_s:         a ready worker without a Pong for this long is killed as hung
     dtype:                workers load expert weights in the mesh's [model] dtype
     """
 
@@ -130,6 +148,9 @@ class DaemonSettings:
     stop_grace_s: float = 3.0
     ready_timeout_s: float = 120.0
     dtype: str = "float32"
+    worker_ping_s: float = WORKER_PING_S
+    hung_after_s: float = HUNG_AFTER_S
+    security: dict | None = None  # mesh.security.bundle(config): CURVE keys for this node's sockets
 
     @classmethod
     def from_config(cls, config: MeshConfig, node: str, control: str, run_dir: str) -> DaemonSettings:
@@ -149,7 +170,7 @@ class DaemonSettings:
             cgroups=functions.cgroups, cfs_period_us=functions.cfs_period_us,
             gb_per_vcpu=functions.gb_per_vcpu, threads_per_function=functions.threads_per_function,
             heartbeat_interval_s=config.coordinator.heartbeat_s, liveness=config.coordinator.liveness,
-            dtype=config.model.dtype,
+            dtype=config.model.dtype, security=security.bundle(config),
         )
 
 
@@ -167,6 +188,8 @@ class Instance:
     failure: str | None = None  # the worker's own dead sentinel (its error text)
     sentinel_failed: bool = False  # it sent InstanceStopped("failed") while serving
     timed_out: bool = False
+    hung: bool = False  # killed because its serving loop stopped answering pings
+    last_pong: float = 0.0  # time.monotonic() of its last Pong (or of its InstanceReady)
     via_zygote: bool = False
     forked: asyncio.Future | None = None
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
@@ -177,6 +200,7 @@ class Instance:
         return self.request.instance_id
 
     def summary(self) -> dict:
+        age = round(time.monotonic() - self.last_pong, 3) if self.ready is not None else None
         return {
             "instance_id": self.instance_id,
             "function_id": self.request.function_id,
@@ -188,6 +212,8 @@ class Instance:
             "endpoint": self.ready.endpoint if self.ready else "",
             "started_at": self.ready.started_at if self.ready else self.spec.t0,
             "rss_bytes": (resources.process_rss(self.pid) or 0) if self.pid else 0,
+            "heartbeat_age_s": age,  # seconds since its serving loop last answered (None: not ready)
+            "hung": self.hung,
         }
 
 
@@ -321,16 +347,22 @@ class NodeDaemon:
             for group in self.cgroups.sweep():
                 log.info("removed %s, left behind by an earlier daemon", group)
         self.workers = self.context.socket(zmq.ROUTER)
+        harden(self.workers, "workers", self.settings, bind="tcp://127.0.0.1:0", host=self.settings.host)
         self.workers.setsockopt(zmq.LINGER, 0)
         self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone worker raises, not a silent drop
         self.workers.bind("tcp://127.0.0.1:0")
         self.worker_endpoint = self.workers.getsockopt_string(zmq.LAST_ENDPOINT)
         if self.settings.spawn == "zygote":
-            await self._start_zygote()
+            zygote = await self._start_zygote()
+            try:  # a node registers once it can fork: no function's INIT includes the node's boot
+                await zygote.wait_ready(ZYGOTE_START_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("zygote not warm before registering (%s); spawns will wait for it", exc)
         log.info("node %s: run dir %s, workers report to %s", self.settings.node, self.run_dir,
                  self.worker_endpoint)
         self._task(self._worker_loop())
         self._task(self._heartbeats())
+        self._task(self._watch_workers())
         try:
             await self._control_loop()
         finally:
@@ -384,6 +416,7 @@ class NodeDaemon:
         if self.control is not None:
             self.control.close(linger=0)
         self.control = self.context.socket(zmq.DEALER)
+        harden(self.control, "control", self.settings, connect=self.settings.control, host=self.settings.host)
         self.control.setsockopt(zmq.IDENTITY, self.settings.node.encode())
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.connect(self.settings.control)
@@ -431,6 +464,13 @@ class NodeDaemon:
                 "%.2fs; check that it runs at %s (--control)", silent_limit, self.liveness,
                 self.interval_s, backoff, self.settings.control,
             )
+            # Closed during the backoff: a socket left open would deliver its queued
+            # NodeRegister to a coordinator that comes up meanwhile, whose RegisterAck nobody
+            # reads, and the next connection would reuse the identity of a pipe still open.
+            self.registered.clear()
+            if self.control is not None:
+                self.control.close(linger=0)
+                self.control = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopped.wait(), backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -449,6 +489,10 @@ class NodeDaemon:
             inst = self.instances.get(msg.instance_id)
             if inst is None:
                 log.info("StopFunction for %s: no such instance here (already stopped?)", msg.instance_id)
+            elif msg.reason == "hung":  # it would not hear a StopFunction: kill it now
+                log.error("%s: the coordinator found it hung; killing it", msg.instance_id)
+                inst.hung = True
+                self._kill(inst)
             else:
                 self._stop(inst, "requested")
         elif isinstance(msg, Shutdown):
@@ -507,6 +551,7 @@ class NodeDaemon:
             run_dir=str(self.run_dir), t0=t0, start_delay_s=msg.start_delay_s,
             cgroup_procs=limits.procs_files, cgroup=limits.values, cgroup_skipped=limits.skipped,
             cgroup_required=s.cgroups == "require", parent_pid=os.getpid(), dtype=s.dtype,
+            device=msg.device if s.kind == "gpu" else "cpu", security=s.security,
         )
         inst = Instance(msg, spec, limits, via_zygote=msg.spawn == "zygote")
         self.instances[msg.instance_id] = inst
@@ -620,13 +665,47 @@ class NodeDaemon:
                 inst.failure = msg.error
             elif isinstance(msg, InstanceStopped) and msg.reason == "failed":
                 inst.sentinel_failed = True
-            elif not isinstance(msg, Pong):
+            elif isinstance(msg, Pong):
+                inst.last_pong = time.monotonic()
+            else:
                 log.warning("ignored %s from worker %s", type(msg).__name__, instance_id)
+
+    async def _watch_workers(self) -> None:
+        """Ping every ready worker each worker_ping_s; kill the ones whose loop stopped answering."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        seq = 0
+        last_tick = loop.time()
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), s.worker_ping_s)
+            now = time.monotonic()
+            lag = loop.time() - last_tick - s.worker_ping_s
+            last_tick = loop.time()
+            stalled = lag > s.hung_after_s / 2  # this loop was frozen: no worker is to blame
+            if stalled:
+                log.warning("daemon loop stalled for %.2fs: not judging workers this tick", lag)
+            for inst in list(self.instances.values()):
+                if inst.state != "ready" or inst.exited.is_set() or inst.hung:
+                    continue
+                if stalled:
+                    inst.last_pong = now
+                elif now - inst.last_pong > s.hung_after_s:
+                    log.error("%s (pid %s) hung: no answer from its serving loop for %.2fs; killing it",
+                              inst.instance_id, inst.pid, now - inst.last_pong)
+                    inst.hung = True
+                    self._kill(inst)
+                    continue
+                assert self.workers is not None
+                _send_frames(self.workers, [inst.instance_id.encode(), *encode(Ping(seq))],
+                             f"Ping to {inst.instance_id}")
+            seq += 1
 
     def _on_ready(self, inst: Instance, msg: InstanceReady) -> None:
         if inst.state != "starting":
             return
         inst.state, inst.ready = "ready", msg
+        inst.last_pong = time.monotonic()
         if inst.stop_reason is not None:  # asked to stop while starting: do it now
             self._stop(inst, inst.stop_reason)
         self._send(msg)

@@ -4,11 +4,14 @@
                     "memory_total_bytes": ..., "memory_used_bytes": ..., "memory_available_bytes": ...,
                     "mem_total_gb": ..., "mem_used_gb": ...,                   (what the coordinator reads)
                     "gpus": [{"index": 0, "name": ..., "memory_total_bytes": ..., "memory_used_bytes": ...,
-                              "utilization_percent": ...}]}
+                              "mem_total_gb": ..., "mem_used_gb": ...,
+                              "utilization_percent": ... (None where NVML cannot say)}]}
     process_rss(pid) -> bytes, or None when the process is gone
 
 `cpu_percent` is measured since the previous call (psutil's non-blocking mode; the first call
-reads 0.0). Without NVIDIA's library or driver, "gpus" is an empty list.
+reads 0.0). Without NVIDIA's library or driver, "gpus" is an empty list, never an exception;
+NVML is initialised once per process (the first heartbeat) and a GPU whose figures fail this
+heartbeat is left out of it (a driver hiccup must not stop heartbeats).
 """
 
 from __future__ import annotations
@@ -49,22 +52,37 @@ def gpus() -> list[dict]:
     pynvml = _nvml()
     if pynvml is None:
         return []
-    out = []
     try:
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            out.append({
-                "index": index,
-                "name": name.decode() if isinstance(name, bytes) else str(name),
-                "memory_total_bytes": int(memory.total),
-                "memory_used_bytes": int(memory.used),
-                "utilization_percent": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
-            })
+        count = int(pynvml.nvmlDeviceGetCount())
     except Exception as exc:  # noqa: BLE001 - a driver hiccup must not stop heartbeats
         log.warning("GPU figures unavailable this heartbeat: %s", exc)
+        return []
+    out = []
+    for index in range(count):
+        try:
+            out.append(_gpu(pynvml, index))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("GPU %d figures unavailable this heartbeat: %s", index, exc)
     return out
+
+
+def _gpu(pynvml, index: int) -> dict:
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    name = pynvml.nvmlDeviceGetName(handle)
+    try:  # not supported on some devices (MIG slices, some vGPUs): memory still counts
+        utilization = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except Exception:  # noqa: BLE001
+        utilization = None
+    return {
+        "index": index,
+        "name": name.decode() if isinstance(name, bytes) else str(name),
+        "memory_total_bytes": int(memory.total),
+        "memory_used_bytes": int(memory.used),
+        "mem_total_gb": int(memory.total) / GB,
+        "mem_used_gb": int(memory.used) / GB,
+        "utilization_percent": utilization,
+    }
 
 
 def _nvml():

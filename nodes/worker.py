@@ -22,6 +22,12 @@ Sockets (all with linger 0, except a last word to the daemon, which may wait 1 s
                  connected to the daemon      fails (SpawnFailed before ready, InstanceStopped
                                               "failed" after); <- daemon: StopFunction, Ping
 
+Liveness: the daemon pings every ready worker each 0.25 s and the serving loop below answers
+Pong itself, so the Pong is the loop's own heartbeat: a frozen loop (SIGSTOP, a deadlock, a
+call that never returns) goes silent while its sockets stay open, and the daemon kills it
+after `hung_after_s` (nodes.daemon). A call's compute runs inline, so one call must stay well
+under that (the bundled model's take milliseconds).
+
 The serving loop is a plain synchronous `zmq.Poller` loop with torch computing inline on one
 thread (DESIGN "Transport rules": a blocking loop beats asyncio on the hot path; STYLE's I/O
 thread + queue adds a hand-off per call for nothing while a worker serves one call at a time). A frame that
@@ -53,6 +59,7 @@ import msgpack
 import torch
 import zmq
 
+from mesh.device import resolve_device
 from mesh.errors import MeshError, ProtocolError
 from mesh.protocol import (
     DEFAULT_LIMITS,
@@ -71,6 +78,7 @@ from mesh.protocol import (
     decode,
     encode,
 )
+from mesh.sockets import harden
 from nodes.limits import join
 from nodes.model.checkpoint import Checkpoint
 from nodes.model.layers import MLP
@@ -102,6 +110,8 @@ class WorkerSpec:
     parent_pid:      the parent the worker must die with (None: not checked)
     dtype:           the weights' dtype, the mesh's [model] dtype (as the coordinator loads its
                      own experts, so that remote and local experts compute alike)
+    device:          where its experts compute: "cpu", or "cuda[:N]" (SpawnFunction.device, on a
+                     node of kind "gpu"); weights move there in the "weights" stage
     """
 
     instance_id: str
@@ -124,6 +134,8 @@ class WorkerSpec:
     cgroup_required: bool = False
     parent_pid: int | None = None
     dtype: str = "float32"
+    device: str = "cpu"
+    security: dict | None = None  # mesh.security.bundle(config): CURVE keys of its data socket
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -185,6 +197,7 @@ def run_worker(spec: WorkerSpec) -> int:
     )
     context = zmq.Context()
     control = context.socket(zmq.DEALER)
+    harden(control, "workers", spec, connect=spec.daemon_endpoint, host=spec.host)
     control.setsockopt(zmq.IDENTITY, spec.instance_id.encode())
     control.setsockopt(zmq.LINGER, 0)
     control.connect(spec.daemon_endpoint)
@@ -245,6 +258,9 @@ def _start(
     checkpoint = Checkpoint(spec.model_path, dtype=getattr(torch, spec.dtype))
     experts = checkpoint.load_experts(spec.experts)
     checkpoint.close()
+    if spec.device != "cpu":  # a GPU function: its experts (and each call's rows) on the GPU
+        device = resolve_device(spec.device, key="SpawnFunction.device")
+        experts = {key: mlp.to(device) for key, mlp in experts.items()}
     stages["weights"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -252,14 +268,14 @@ def _start(
     data.setsockopt(zmq.LINGER, 0)
     # A frame beyond the largest tensor the decoder accepts is refused by ZeroMQ itself (the
     # peer is disconnected) before it fills this process's memory.
-    data.setsockopt(zmq.MAXMSGSIZE, DEFAULT_LIMITS.max_tensor_bytes + DEFAULT_LIMITS.max_header_bytes)
+    harden(data, "data", spec, bind=f"tcp://{spec.host}:0")  # MAXMSGSIZE, HWMs, CURVE off loopback
     data.bind(f"tcp://{spec.host}:0")
     endpoint = data.getsockopt_string(zmq.LAST_ENDPOINT)
     stages["ready"] = time.perf_counter() - t
 
     record.update(
         endpoint=endpoint, stages=stages, tensors_read=checkpoint.tensors_read,
-        bytes_read=checkpoint.bytes_read, cgroup=cgroup, cgroup_skipped=skipped,
+        bytes_read=checkpoint.bytes_read, cgroup=cgroup, cgroup_skipped=skipped, device=spec.device,
     )
     ready = InstanceReady(
         instance_id=spec.instance_id, node_id=spec.node_id, endpoint=endpoint, pid=os.getpid(),
@@ -300,6 +316,7 @@ class Server:
         self.experts = experts
         self.hidden = next(iter(experts.values())).gate_proj.in_features if experts else None
         self.dtype = next(iter(experts.values())).gate_proj.weight.dtype if experts else torch.float32
+        self.device = next(iter(experts.values())).gate_proj.weight.device if experts else torch.device("cpu")
         self.calls = 0
         self.busy_s = 0.0
 
@@ -383,11 +400,11 @@ class Server:
             start = time.perf_counter()
             with torch.inference_mode():
                 outputs = [
-                    self.experts[(call.layer, expert)](rows.to(self.dtype)).to(x.dtype)
+                    self.experts[(call.layer, expert)](rows.to(self.device, self.dtype)).to(x.dtype)
                     for expert, rows in zip(call.expert_ids, torch.split(x, call.counts))
                     if rows.shape[0]
                 ]
-                y = torch.cat(outputs) if outputs else torch.zeros_like(x)  # [sum(counts), hidden]
+                y = torch.cat(outputs).cpu() if outputs else torch.zeros_like(x)  # [sum(counts), hidden] (.cpu(): waits for a GPU)
             elapsed = time.perf_counter() - start
             self.busy_s += elapsed  # the function's own execution time: what invocation billing bills
             return ExpertResult(call.call_id, elapsed, y.contiguous())

@@ -142,6 +142,7 @@ class ZmqFeed:
         protocol = await _load_protocol()
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.SUB)
+        importlib.import_module("mesh.sockets").harden(sock, "metrics", connect=self.address)
         sock.linger = 0
         sock.rcvhwm = self.rcvhwm
         sock.heartbeat_ivl = max(int(self.interval * 1000), 100)

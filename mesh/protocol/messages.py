@@ -226,6 +226,8 @@ class SpawnFunction(Message):
     spawn:         "zygote" (fork a warm zygote) or "fresh" (new interpreter).
     model_path:    checkpoint directory the worker loads expert weights from.
     start_delay_s: added to the cold start to mimic a slower platform.
+    device:        where its experts compute: "cpu", or "cuda" / "cuda:N" on a node of kind
+                   "gpu" (default "cpu", so a sender that predates the field still decodes).
     """
 
     TYPE = MsgType.SPAWN_FUNCTION
@@ -238,6 +240,7 @@ class SpawnFunction(Message):
     spawn: Literal["zygote", "fresh"]
     model_path: str
     start_delay_s: float = spec(0.0, ge=0.0)
+    device: str = "cpu"
 
 
 @message

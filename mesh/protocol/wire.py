@@ -15,9 +15,9 @@ sent it. `decode` maps tensor frames back zero-copy when it can (a `zmq.Frame` r
 tensors it returns are always writable.
 
 Decoders trust nothing: every size is bounded by `Limits` before it is read (frame count,
-header bytes, tensor bytes and rank, string, list and map lengths), every header field is
-checked against its dataclass type hint (`fields.py`), and every failure is a `ProtocolError`
-subclass naming the field, what it got and what it expected. Unknown header keys are ignored
+header bytes, tensor bytes, rank and each dimension, string, list and map lengths, nesting
+depth), every header field is checked against its dataclass type hint (`fields.py`), and every
+failure is a `ProtocolError` subclass naming the field, what it got and what it expected. Unknown header keys are ignored
 (a newer peer may add fields); missing required ones are errors.
 
 Adding a message takes a few lines in `messages.py`: a `MsgType` member and a frozen dataclass
@@ -307,6 +307,10 @@ def _decode_header(view: memoryview, codec: _Codec, limits: Limits) -> dict[str,
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         # msgpack reports garbage as ValueError (ExtraData, FormatError, StackError, bad UTF-8,
         # non-str map keys, lengths over the max_* bounds) and a few cases as TypeError.
+        if "exceeds max_" in str(exc):  # a string, list or map beyond the bounds given above
+            raise OversizedMessage(
+                f"{name}: frame 1 (header) holds a value beyond the Limits ({exc})"
+            ) from exc
         raise MalformedFrame(f"{name}: frame 1 (header) is not valid msgpack ({exc})") from exc
     if type(header) is not dict:
         raise bad(f"{name} header", "msgpack map", header)
@@ -339,6 +343,12 @@ def _decode_tensor(
     if field.ndim is not None and len(shape) != field.ndim:
         raise BadTensor(
             f"{path}: shape {shape} has {len(shape)} dimensions; expected {field.ndim}", field=path
+        )
+    if any(d > limits.max_tensor_bytes for d in shape):  # bounds each dimension, even beside a 0
+        raise OversizedMessage(
+            f"{path}: shape {show(shape)} has a dimension over {limits.max_tensor_bytes} "
+            "(Limits.max_tensor_bytes)",
+            field=path,
         )
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > limits.max_tensor_bytes:

@@ -14,7 +14,7 @@ from .layers import RMSNorm, Rotary
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float) -> torch.Tensor:
     """q [n, heads, d], k [past+n, heads, d], v [past+n, heads, dv] -> [n, heads, dv]."""
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [heads, n, past+n]
-    scores = scores + causal_mask(past, q.shape[0], scores.dtype)
+    scores = scores + causal_mask(past, q.shape[0], scores.dtype, scores.device)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.einsum("hqk,khd->qhd", probs, v)
 
@@ -87,8 +87,10 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.heads * self.v_dim, hidden, bias=False)
-        self.rotary = Rotary(self.rope, config.rope_theta, interleaved=True)
+        self.rotary = Rotary(self.rope, config.rope_theta, interleaved=True, scaling=config.rope_scaling)
         self.scale = qk_dim**-0.5
+        if config.rope_scaling is not None:  # DeepSeek's YaRN also sharpens the softmax (mscale_all_dim)
+            self.scale *= config.rope_scaling.softmax_mscale
         self.q_lora = config.q_lora_rank is not None
 
     def forward(self, x: torch.Tensor, segments: list[Segment], positions: torch.Tensor) -> torch.Tensor:

@@ -61,13 +61,13 @@ def make_segments(lengths: list[int], caches: list[SequenceCache]) -> list[Segme
     return segments
 
 
-def positions_of(segments: list[Segment]) -> torch.Tensor:
-    """[tokens] absolute positions of every new token of the flat batch."""
-    return torch.cat([torch.arange(s.cache.length, s.cache.length + s.length) for s in segments])
+def positions_of(segments: list[Segment], device: torch.device | str | None = None) -> torch.Tensor:
+    """[tokens] absolute positions of every new token of the flat batch, on `device`."""
+    return torch.cat([torch.arange(s.cache.length, s.cache.length + s.length, device=device) for s in segments])
 
 
-def causal_mask(past: int, new: int, dtype: torch.dtype) -> torch.Tensor:
-    """[new, past + new] additive mask: query i sees keys 0 .. past + i."""
-    keys = torch.arange(past + new)[None, :]
-    queries = torch.arange(new)[:, None] + past
-    return torch.zeros(new, past + new, dtype=dtype).masked_fill(keys > queries, float("-inf"))
+def causal_mask(past: int, new: int, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """[new, past + new] additive mask on `device`: query i sees keys 0 .. past + i."""
+    keys = torch.arange(past + new, device=device)[None, :]
+    queries = torch.arange(new, device=device)[:, None] + past
+    return torch.zeros(new, past + new, dtype=dtype, device=device).masked_fill(keys > queries, float("-inf"))

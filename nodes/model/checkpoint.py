@@ -4,7 +4,8 @@
 it reads, so tests (and the meter) can see that an expert worker reads only its experts:
 
     ckpt = Checkpoint("nodes/bundled")
-    model = ckpt.load_model()                           # the whole model (the coordinator)
+    model = ckpt.load_model()                           # the whole model (the in-process engine)
+    main = ckpt.load_model(experts=[(0, 1)])            # non-expert weights + chosen experts (the mesh's main)
     experts = ckpt.load_experts([(0, 3), (2, 5)])       # only those experts (a function)
     ckpt.tensors_read, ckpt.bytes_read
 
@@ -117,37 +118,44 @@ class Checkpoint:
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor.to(self.dtype)
 
-    def _fill(self, module: nn.Module, prefix: str, skip: Iterable[str] = ()) -> None:
-        skip = tuple(skip)
+    def _fill(self, module: nn.Module, prefix: str) -> None:
         expected = dict(module.named_parameters(remove_duplicate=True))
         expected.update({n: b for n, b in module.named_buffers() if n.rsplit(".", 1)[-1] in _BUFFERS})
         with torch.no_grad():
             for name, target in expected.items():
                 full = prefix + name
-                if skip and full.startswith(skip):
-                    continue
                 if full == "lm_head.weight" and self.config.tie_word_embeddings:
                     continue
                 target.copy_(self.read(full, target.shape))
 
-    def load_model(self, skip_experts: bool = False) -> MoEModel:
-        """The whole model (or, with skip_experts, everything but the routed experts' weights)."""
-        model = MoEModel(self.config).to(self.dtype)
-        skip = ()
+    def load_model(self, skip_experts: bool = False,
+                   experts: Iterable[tuple[int, int]] | None = None) -> MoEModel:
+        """The model with every routed expert (default), only `experts` ((moe_layer, expert) pairs:
+        what the mesh's main function keeps local), or none of them (skip_experts)."""
         if skip_experts:
-            skip = tuple(f"model.layers.{i}.mlp.experts." for i in self.config.moe_layer_ids)
-        self._fill(model, "", skip)
+            experts = ()
+        if experts is not None:
+            experts = list(experts)
+            self._check_experts(experts)
+        model = MoEModel(self.config, experts).to(self.dtype)  # allocates only the held experts
+        self._fill(model, "")
         return model.eval()
 
-    def load_experts(self, experts: Iterable[tuple[int, int]]) -> dict[tuple[int, int], MLP]:
-        """Only the given (moe_layer, expert) pairs: what one expert function loads."""
-        config, out = self.config, {}
+    def _check_experts(self, experts: Iterable[tuple[int, int]]) -> None:
+        config = self.config
         for layer, expert in experts:
             if not (0 <= layer < config.num_moe_layers and 0 <= expert < config.num_experts):
                 raise CheckpointError(
                     f"{self.path}: unknown expert ({layer}, {expert}); this model has "
                     f"{config.num_moe_layers} MoE layers x {config.num_experts} experts"
                 )
+
+    def load_experts(self, experts: Iterable[tuple[int, int]]) -> dict[tuple[int, int], MLP]:
+        """Only the given (moe_layer, expert) pairs: what one expert function loads."""
+        config, out = self.config, {}
+        experts = list(experts)
+        self._check_experts(experts)
+        for layer, expert in experts:
             mlp = MLP(config.hidden_size, config.expert_intermediate_size).to(self.dtype)
             self._fill(mlp, expert_prefix(config, layer, expert))
             out[(layer, expert)] = mlp.eval()

@@ -20,6 +20,7 @@ an ordinal to its decoder layer.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,41 @@ FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v2", "deepse
 
 class UnsupportedModel(ValueError):
     """The checkpoint's config names a family or option this code does not implement."""
+
+
+YARN_FAMILIES = ("deepseek_v2", "deepseek_v3")  # where YaRN is implemented and tested against HF
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN rope scaling (arXiv 2309.00071) as DeepSeek-V2/V3 and HF `transformers` apply it.
+
+    `inv_freq` blends interpolated (theta^(-2i/d) / factor) and original frequencies with a linear
+    ramp between the dimensions that make `beta_fast` and `beta_slow` rotations over
+    `original_max_position_embeddings`; cos/sin are multiplied by `attention_factor`; the
+    attention softmax scale by `softmax_mscale` (from `mscale_all_dim`, DeepSeek only).
+    """
+
+    type: str  # "yarn"
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float = 1.0  # multiplies cos and sin
+    truncate: bool = True
+
+    @property
+    def softmax_mscale(self) -> float:
+        """Factor on the attention softmax scale: yarn_get_mscale(factor, mscale_all_dim) ** 2."""
+        if not self.mscale_all_dim:
+            return 1.0
+        return yarn_get_mscale(self.factor, self.mscale_all_dim) ** 2
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +105,7 @@ class MoEConfig:
     shared_expert_gate: bool = False
     moe_layer_ids: tuple[int, ...] = ()
     eos_token_id: int | None = None
+    rope_scaling: RopeScaling | None = None  # None = plain rotary (rope_type "default")
 
     @property
     def attention(self) -> str:
@@ -114,11 +151,8 @@ def _from_hf(raw: dict, source: str) -> MoEConfig:
         raise UnsupportedModel(f"{source}: {family} config lacks {' or '.join(keys)}")
 
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise UnsupportedModel(f"{source}: rope_type {rope_type!r} is not implemented yet "
-                               "(only 'default'); see nodes/model/layers.py Rotary")
     rope_theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_scaling = _rope_scaling(raw, rope, family, source)
 
     layers = int(need("num_hidden_layers"))
     hidden = int(need("hidden_size"))
@@ -139,6 +173,7 @@ def _from_hf(raw: dict, source: str) -> MoEConfig:
         top_k=int(need("num_experts_per_tok")),
         norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
         eos_token_id=_first(raw.get("eos_token_id")),
+        rope_scaling=rope_scaling,
     )
     if raw.get("hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"{source}: hidden_act {raw.get('hidden_act')!r}: only silu (SwiGLU)")
@@ -192,6 +227,45 @@ def _from_hf(raw: dict, source: str) -> MoEConfig:
         topk_group=int(raw.get("topk_group") or 1),
         shared_intermediate_size=int(raw.get("moe_intermediate_size", 0)) * int(raw.get("n_shared_experts") or 0),
         moe_layer_ids=tuple(range(first_dense, layers)),
+    )
+
+
+def _rope_scaling(raw: dict, rope: dict, family: str, source: str) -> RopeScaling | None:
+    """The `rope_scaling` / `rope_parameters` entry -> RopeScaling, None for plain rotary."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return None
+    key = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    if rope_type != "yarn":
+        raise UnsupportedModel(f"{source}: {key}.rope_type {rope_type!r} is not implemented "
+                               "(only 'default' and, for DeepSeek, 'yarn'); see nodes/model/layers.py Rotary")
+    if family not in YARN_FAMILIES:
+        raise UnsupportedModel(f"{source}: {key}.rope_type 'yarn' is implemented only for "
+                               f"{', '.join(YARN_FAMILIES)}, not {family}")
+    max_positions = raw.get("max_position_embeddings")
+    original = rope.get("original_max_position_embeddings") or max_positions
+    factor = rope.get("factor")
+    if factor is None:  # as HF: the ratio of the extended to the original context
+        if not (max_positions and original):
+            raise UnsupportedModel(f"{source}: {key} of type yarn needs 'factor' "
+                                   "(or max_position_embeddings and original_max_position_embeddings)")
+        factor = max_positions / original
+    if not original:
+        raise UnsupportedModel(f"{source}: {key} of type yarn needs original_max_position_embeddings")
+    factor = float(factor)
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_get_mscale(factor)
+    return RopeScaling(
+        type="yarn", factor=factor, original_max_position_embeddings=int(original),
+        beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+        mscale=None if mscale is None else float(mscale),
+        mscale_all_dim=None if mscale_all_dim is None else float(mscale_all_dim),
+        attention_factor=float(attention_factor), truncate=bool(rope.get("truncate", True)),
     )
 
 

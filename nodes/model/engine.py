@@ -54,14 +54,26 @@ class Sequence:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """logits [V] -> one token id."""
+    return int(sample_tensor(logits, params, generator))
+
+
+def sample_tensor(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [V] -> [] or [1] int64 token id, on the logits' device (read it back with the others)."""
     if params.temperature == 0:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> list[int]:
+    """logits [S, V] -> one token id per row, read back to the host in one transfer."""
+    picks = [sample_tensor(row, p, g).reshape(1) for row, p, g in zip(logits, params, generators, strict=True)]
+    return torch.cat(picks).tolist() if picks else []
 
 
 class Engine:
@@ -73,6 +85,11 @@ class Engine:
         self.active: list[Sequence] = []
         self._ids = itertools.count()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives, and so the input ids, logits and sampling generators."""
+        return self.model.model.embed_tokens.weight.device
+
     def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
         if not prompt:
             raise ValueError("empty prompt: give at least one token")
@@ -81,7 +98,7 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
         generator = None
         if params.temperature > 0:
-            generator = torch.Generator().manual_seed(params.seed if params.seed is not None else 0)
+            generator = torch.Generator(device=self.device).manual_seed(params.seed if params.seed is not None else 0)
         seq = Sequence(next(self._ids), list(prompt), params, self.model.new_cache(), generator=generator)
         self.active.append(seq)
         return seq
@@ -97,12 +114,12 @@ class Engine:
         if not batch:
             return []
         inputs = [seq.pending_input() for seq in batch]
-        ids = torch.tensor(list(itertools.chain.from_iterable(inputs)), dtype=torch.long)
+        ids = torch.tensor(list(itertools.chain.from_iterable(inputs)), dtype=torch.long, device=self.device)
         segments = make_segments([len(x) for x in inputs], [seq.cache for seq in batch])
         logits = self.model(ids, segments, self.executor, all_logits=False)  # [S, V]
         out = []
-        for seq, row in zip(batch, logits, strict=True):
-            token = sample(row, seq.params, seq.generator)
+        tokens = sample_rows(logits, [seq.params for seq in batch], [seq.generator for seq in batch])
+        for seq, token in zip(batch, tokens, strict=True):
             seq.generated.append(token)
             if seq.params.stop_at_eos and token == self.eos:
                 seq.finish_reason = "eos"

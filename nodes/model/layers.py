@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import RopeScaling
 
 
 class RMSNorm(nn.Module):
@@ -25,17 +29,25 @@ class Rotary:
 
     `interleaved=False` rotates the two halves of the vector (Llama/Mixtral/Qwen/OLMoE);
     `interleaved=True` rotates adjacent pairs (x0, x1), (x2, x3), ... (DeepSeek-V2/V3).
+    `scaling` (YaRN) changes the frequencies and multiplies cos/sin by its attention factor.
     """
 
-    def __init__(self, dim: int, theta: float, interleaved: bool = False) -> None:
+    def __init__(self, dim: int, theta: float, interleaved: bool = False,
+                 scaling: RopeScaling | None = None) -> None:
         self.dim = dim
         self.interleaved = interleaved
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))  # [dim/2]
+        self.magnitude = 1.0
+        if scaling is not None:
+            self.inv_freq = yarn_inv_freq(self.inv_freq, dim, theta, scaling)
+            self.magnitude = scaling.attention_factor
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, dim/2] (float32)."""
+        """positions [T] -> cos, sin [T, dim/2] (float32), times the YaRN attention factor if any."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        return freqs.cos(), freqs.sin()
+        if self.magnitude == 1.0:
+            return freqs.cos(), freqs.sin()
+        return freqs.cos() * self.magnitude, freqs.sin() * self.magnitude
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, heads, dim], cos/sin [T, dim/2] -> rotated x [T, heads, dim]."""
@@ -49,6 +61,26 @@ class Rotary:
         half = x.shape[-1] // 2
         first, second = x[..., :half], x[..., half:]
         return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).to(dtype)
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """inv_freq [dim/2] -> YaRN's blend: original frequencies for dimensions that rotate more than
+    `beta_fast` times over the original context, frequencies / factor below `beta_slow`, a linear
+    ramp between (as HF `_compute_yarn_parameters` and DeepSeek's `DeepseekV2YarnRotaryEmbedding`)."""
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi))
+                / (2 * math.log(theta)))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as HF: avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # [dim/2]
+    extrapolation = 1 - ramp  # 1: keep the original frequency
+    return (inv_freq / scaling.factor) * (1 - extrapolation) + inv_freq * extrapolation
 
 
 class MLP(nn.Module):

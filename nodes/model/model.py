@@ -10,6 +10,8 @@ moves expert work to remote functions without touching the maths.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -21,14 +23,14 @@ from .moe import ExpertExecutor, LocalExecutor, MoEBlock
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: MoEConfig, layer: int) -> None:
+    def __init__(self, config: MoEConfig, layer: int, held: Iterable[int] | None = None) -> None:
         super().__init__()
         attention = MultiHeadLatentAttention if config.attention == "mla" else GroupedQueryAttention
         self.self_attn = attention(config, layer)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         moe = config.moe_ordinal(layer)
-        self.mlp = MoEBlock(config, moe) if moe is not None else MLP(config.hidden_size, config.dense_intermediate_size)
+        self.mlp = MoEBlock(config, moe, held) if moe is not None else MLP(config.hidden_size, config.dense_intermediate_size)
 
     def forward(self, x, segments, positions, executor: ExpertExecutor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), segments, positions)
@@ -37,21 +39,31 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, config: MoEConfig) -> None:
+    def __init__(self, config: MoEConfig, experts: Iterable[tuple[int, int]] | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        held: dict[int, list[int]] | None = None
+        if experts is not None:
+            held = {m: [] for m in range(config.num_moe_layers)}
+            for layer, e in experts:
+                held[layer].append(e)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, None if held is None else held.get(config.moe_ordinal(i), []))
+            for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class MoEModel(nn.Module):
     """Parameter names follow the HF layout (`model.layers.3.mlp.experts.5.up_proj.weight`), so an
-    HF state dict loads after only the family's renames (see checkpoint.py)."""
+    HF state dict loads after only the family's renames (see checkpoint.py).
 
-    def __init__(self, config: MoEConfig) -> None:
+    experts: the routed (moe_layer, expert) pairs to allocate; None = all (the in-process engine).
+    The mesh's main function allocates only its plan's local experts (see `ExpertSet`)."""
+
+    def __init__(self, config: MoEConfig, experts: Iterable[tuple[int, int]] | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = Backbone(config)
+        self.model = Backbone(config, experts)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -61,6 +73,15 @@ class MoEModel(nn.Module):
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [self.model.layers[i].mlp for i in self.config.moe_layer_ids]
+
+    def held_experts(self) -> set[tuple[int, int]]:
+        """(moe_layer, expert) pairs whose weights this model holds."""
+        return {(m, e) for m, block in enumerate(self.moe_blocks()) for e in block.experts.ids()}
+
+    def held_bytes(self) -> int:
+        """Bytes of every parameter and buffer this model holds (tied weights once)."""
+        tensors = {id(t): t for t in (*self.parameters(), *self.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     @torch.inference_mode()
     def forward(
@@ -72,16 +93,19 @@ class MoEModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids [T] (the new tokens of every segment, concatenated) -> logits.
 
-        Returns [T, V] logits, or only each segment's last row [S, V] when all_logits=False.
+        Returns [T, V] logits, or only each segment's last row [S, V] when all_logits=False, on
+        the model's device (input_ids may come from the host: they are moved there).
         Advances every segment's cache by its length.
         """
         executor = executor or LocalExecutor()
-        positions = positions_of(segments)  # [T]
+        device = self.model.embed_tokens.weight.device
+        input_ids = input_ids.to(device)
+        positions = positions_of(segments, device)  # [T]
         x = self.model.embed_tokens(input_ids)  # [T, H]
         for layer in self.model.layers:
             x = layer(x, segments, positions, executor)
         for seg in segments:
             seg.cache.length += seg.length
         if not all_logits:
-            x = x[torch.tensor([s.start + s.length - 1 for s in segments])]  # [S, H]
+            x = x[torch.tensor([s.start + s.length - 1 for s in segments], device=device)]  # [S, H]
         return self.lm_head(self.model.norm(x))

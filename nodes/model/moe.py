@@ -19,6 +19,7 @@ path is tested against.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -109,8 +110,8 @@ def dispatch(layer: int, x: torch.Tensor, routing: Routing, num_experts: int) ->
     tokens, k = routing.experts.shape
     flat_expert = routing.experts.reshape(-1)  # [T*k]
     order = torch.argsort(flat_expert, stable=True)
-    token = torch.arange(tokens).repeat_interleave(k)[order]
-    counts = torch.bincount(flat_expert, minlength=num_experts)
+    token = torch.arange(tokens, device=x.device).repeat_interleave(k)[order]
+    counts = torch.bincount(flat_expert, minlength=num_experts).to("cpu")  # [E] host ints: offsets, loads
     return Dispatch(layer, x[token], token, routing.weights.reshape(-1)[order], counts, tokens)
 
 
@@ -121,19 +122,19 @@ def counts_by_segment(plan: Dispatch, segment_of_token: torch.Tensor, segments: 
     One bincount over (segment, expert) pairs: cheap enough for every layer of every step.
     """
     experts = len(plan.counts)
-    expert_of_row = torch.repeat_interleave(torch.arange(experts), plan.counts)  # [S]
-    pair = segment_of_token[plan.token] * experts + expert_of_row
+    expert_of_row = torch.repeat_interleave(torch.arange(experts), plan.counts)  # [S], on the host
+    pair = segment_of_token[plan.token.to(segment_of_token.device)] * experts + expert_of_row
     return torch.bincount(pair, minlength=segments * experts).view(segments, experts)
 
 
 def combine(y: torch.Tensor, plan: Dispatch, dtype: torch.dtype) -> torch.Tensor:
     """y [S, H] unweighted expert outputs in dispatch order -> [T, H] weighted sum per token."""
-    out = torch.zeros(plan.num_tokens, y.shape[1], dtype=dtype)
+    out = torch.zeros(plan.num_tokens, y.shape[1], dtype=dtype, device=y.device)
     weighted = (y.float() * plan.weight[:, None]).to(dtype)
     return out.index_add_(0, plan.token, weighted)
 
 
-def run_experts(experts: nn.ModuleList | dict, plan: Dispatch, expert_ids: list[int] | None = None,
+def run_experts(experts: ExpertSet | dict, plan: Dispatch, expert_ids: list[int] | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Compute the given experts' rows in this process, into `out` (default: zeros) [S, H]."""
     y = torch.zeros_like(plan.x) if out is None else out
@@ -164,15 +165,57 @@ class LocalExecutor:
         return run_experts(block.experts, plan)
 
 
+class ExpertNotHeld(KeyError):
+    """An expert this process does not hold was asked for (the mesh loads it on demand, billed)."""
+
+
+class ExpertSet(nn.ModuleDict):
+    """The routed experts of one MoE block that this process holds, indexed by expert id.
+
+    The in-process engine holds all of them; the mesh's main function only the experts its plan
+    keeps local (DESIGN.md: memory held = memory billed), adding and dropping experts as plans
+    change. Parameter names stay HF's (`mlp.experts.5.up_proj.weight`), as with a ModuleList.
+    """
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, held: Iterable[int] | None = None) -> None:
+        super().__init__()
+        self.hidden, self.intermediate, self.num_experts = hidden, intermediate, num_experts
+        for e in range(num_experts) if held is None else sorted(held):
+            self.add(e, MLP(hidden, intermediate))
+
+    def __getitem__(self, expert: int) -> MLP:
+        try:
+            return self._modules[str(expert)]
+        except KeyError:
+            raise ExpertNotHeld(f"expert {expert} is not held by this process "
+                                f"(holds {len(self)} of {self.num_experts})") from None
+
+    def __contains__(self, expert: object) -> bool:
+        return str(expert) in self._modules
+
+    def ids(self) -> list[int]:
+        return sorted(int(k) for k in self._modules)
+
+    def add(self, expert: int, mlp: MLP) -> None:
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} out of range [0, {self.num_experts})")
+        self.add_module(str(expert), mlp)
+
+    def drop(self, expert: int) -> None:
+        self._modules.pop(str(expert), None)
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
 class MoEBlock(nn.Module):
-    def __init__(self, config: MoEConfig, moe_layer: int) -> None:
+    def __init__(self, config: MoEConfig, moe_layer: int, held: Iterable[int] | None = None) -> None:
+        """held: the routed experts to allocate (None: all of them)."""
         super().__init__()
         self.moe_layer = moe_layer
         self.num_experts = config.num_experts
         self.gate = Router(config)
-        self.experts = nn.ModuleList(
-            MLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
-        )
+        self.experts = ExpertSet(config.hidden_size, config.expert_intermediate_size, config.num_experts, held)
         self.shared_experts = (
             MLP(config.hidden_size, config.shared_intermediate_size) if config.shared_intermediate_size else None
         )

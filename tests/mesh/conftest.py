@@ -51,6 +51,8 @@ def mesh_config(model_path, **overrides):
         "coordinator.metrics_interval_s": 0.2, "coordinator.heartbeat_s": 0.5,
         "model.path": str(model_path), "functions.keep_alive_s": 30.0,
         "functions.cold_start_wait_s": 30.0, "policy.call_timeout_s": 5.0,
+        "policy.profiles": "synthetic",  # tests plan from fixed numbers: fast and deterministic
+        "policy.name": "all-remote",  # every expert a function unless a test says otherwise
     }
     base.update(overrides)
     config = load_config(None, base)

@@ -40,7 +40,9 @@ def test_rejections_cancellation_timeout_and_the_sync_wrapper(tiny_model, refere
                 with pytest.raises(RequestRejected):
                     async for _ in client.generate("", prompt_ids=[999999], max_new_tokens=4):
                         pass
-                # cancel mid-stream: the stream ends with Cancelled, the mesh frees the request
+                # cancel mid-stream: the stream ends with Cancelled at once, the mesh frees the
+                # request. However many tokens are already on their way or queued in the client
+                # when cancel() returns, none is yielded after it (no timing involved).
                 gen = client.generate("", prompt_ids=PROMPTS[0], max_new_tokens=5000, stop_at_eos=False)
                 got = []
                 with pytest.raises(Cancelled):
@@ -49,6 +51,7 @@ def test_rejections_cancellation_timeout_and_the_sync_wrapper(tiny_model, refere
                         if len(got) == 3:
                             await gen.cancel()
                 assert got == reference[0][:3]
+                assert [t.token_id for t in gen.tokens] == got and gen.done is None
                 # a request that outlives coordinator.request_timeout_s fails with a typed Timeout
                 with pytest.raises(Timeout, match="request_timeout_s"):
                     async for _ in client.generate("", prompt_ids=PROMPTS[1], max_new_tokens=100000,

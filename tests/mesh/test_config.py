@@ -50,7 +50,7 @@ def test_shipped_launch_toml_loads_and_equals_the_built_in_defaults() -> None:
     assert [n.name for n in cfg.nodes] == ["cpu0", "cpu1"]
     assert {n.host for n in cfg.nodes} == {"local"} and cfg.hosts[0].address == "127.0.0.1"
     assert cfg.model.path == "bundled"
-    assert cfg.policy.name == "all-remote"
+    assert cfg.policy.name == "moemesh"
     assert cfg.billing.mode == "instance"
     assert cfg.billing.price_cpu_gb_s == AWS_LAMBDA_X86_PRICE_GB_S
     assert cfg.billing.price_gpu_gb_s == pytest.approx(3 * AWS_LAMBDA_X86_PRICE_GB_S)

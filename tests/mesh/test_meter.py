@@ -48,7 +48,7 @@ def test_invocation_mode_bills_each_calls_own_time_rounded_up_plus_init():
         m.invocation("a", latency_s=0.010, compute_s=0.0021)  # billed 3 ms each, not the 10 ms round trip
     m.main_busy(2.0)
     b = m.billing()
-    assert b["gb_s_experts"] == pytest.approx(0.25 * (3 * 0.003 + 0.4))
+    assert b["gb_s_experts"] == pytest.approx(0.25 * (3 * 0.003 + 0.2))  # INIT = weights, not the fork
     assert b["gb_s_main"] == pytest.approx(1.0 * 2.0)
     assert b["invocations"] == 3
 

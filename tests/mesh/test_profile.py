@@ -16,6 +16,7 @@ from allocator.profiles import FAMILIES, Profiles
 from mesh import planning
 from mesh.cli import main as cli_main
 from mesh.config import load_config
+from mesh.errors import MeshError
 from mesh.profile import default_host, profile_path
 from nodes.limits import Cgroups
 from nodes.model.config import MoEConfig
@@ -105,5 +106,8 @@ def test_profiles_of_loads_the_stored_profile_else_synthetic(profiled, tmp_path)
     loaded = planning.profiles_of(config, model, profiles_dir=profiled["out"])
     assert loaded.expert == stored.expert and loaded.cold_start == stored.cold_start
     assert loaded.shape == planning.model_shape(model)
-    synthetic = planning.profiles_of(config, model, profiles_dir=tmp_path)
-    assert synthetic == Profiles.synthetic(planning.model_shape(model), host="local")
+    synthetic = planning.profiles_of(config, model, profiles_dir=tmp_path)  # none stored: said loudly
+    assert synthetic == Profiles.synthetic(planning.model_shape(model), host="synthetic")
+    measured = load_config(None, {"model.path": str(profiled["model"]), "policy.profiles": "measured"})
+    with pytest.raises(MeshError, match="no measured profiles"):
+        planning.profiles_of(measured, model, profiles_dir=tmp_path)

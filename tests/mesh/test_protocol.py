@@ -501,6 +501,14 @@ def test_tensor_rank_bounds() -> None:
         decode(frames)
 
 
+@pytest.mark.parametrize("shape", [[0, 2**64 - 1], [0, 2**63], [0, 2**40]])
+def test_huge_dimensions_beside_a_zero_are_refused(shape: list[int]) -> None:
+    """0 bytes in all, but no torch shape can hold such a dimension (found by fuzzing)."""
+    frames = with_header(expert_call(counts=[]), tensors=[{"dtype": "float32", "shape": shape}])
+    with pytest.raises(OversizedMessage, match="has a dimension over"):
+        decode([frames[0], frames[1], b""])
+
+
 @pytest.mark.parametrize(
     "descriptor",
     [

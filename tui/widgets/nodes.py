@@ -1,7 +1,8 @@
 """Nodes: each host's daemon, alive or not, with its CPU, memory and GPUs.
 
 Reads payload["nodes"]: [{name, kind, host, alive, last_heartbeat_s_ago, cpu_percent,
-mem_used_gb, mem_total_gb, capacity_gb, gpus[{name, util, mem_used_gb, mem_total_gb}]}].
+mem_used_gb, mem_total_gb, capacity_gb, gpus[{name, utilization_percent (or util), mem_used_gb,
+mem_total_gb}]}] (gpus as nodes/resources.py reports them in heartbeats, via NVML).
 A node the meter marks not alive is "down"; one still alive whose last heartbeat is older
 than HEARTBEAT_STALE_S is "stale" (the payload has no heartbeat interval to judge by).
 """
@@ -92,7 +93,7 @@ def gpus(entries: Any) -> str:
     lines = []
     for gpu in entries:
         if isinstance(gpu, Mapping):
-            util = fmt.number(gpu.get("util"))
+            util = fmt.number(gpu.get("utilization_percent", gpu.get("util")))
             util_text = fmt.DASH if util is None else f"{util:.0f}%"
             lines.append(
                 f"{fmt.text(gpu.get('name'))} {util_text} "

@@ -45,10 +45,17 @@ class StragglersPanel(Panel):
         ]
         recent.sort(key=lambda s: -(fmt.number(s.get("time")) or 0.0))
         flagged = sum(is_now(s, now) for s in recent)
+        dp = fmt.dig(view.payload, "data_plane") or {}
+        troubles = sum(int(fmt.number(dp.get(k)) or 0) for k in ("retries", "late", "fallbacks"))
         self.query_one("#stragglers-summary", Static).update(
             Text.assemble(
                 (f"{flagged} flagged now", "bold red" if flagged else "green"),
                 f" (last {fmt.seconds(FLAGGED_NOW_S)}) · {len(recent)} recent",
+                "\ncalls ", str(dp.get("calls", 0)),
+                (f" · retries {dp.get('retries', 0)} · late {dp.get('late', 0)} · fallbacks "
+                 f"{dp.get('fallbacks', 0)} · on-demand loads {dp.get('on_demand_loads', 0)}",
+                 "bold yellow" if troubles else ""),
+                f" · cold-start waits {dp.get('cold_start_waits', 0)}",
             )
         )
         rows = [
