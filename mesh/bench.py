@@ -72,8 +72,9 @@ def _in_process_decode(prompts: list[str], new_tokens: int) -> dict:
     from nodes.model.tokenizer import Tokenizer
 
     torch.set_num_threads(1)  # as the coordinator runs (coordinator.threads)
-    path = resolve_model_path("bundled")
-    model, tok = Checkpoint(path).load_model(), Tokenizer.from_dir(path)
+    path = resolve_model_path(str(EXTRA.get("model.path", "bundled")))
+    dtype = getattr(torch, str(EXTRA.get("model.dtype", "float32")))
+    model, tok = Checkpoint(path, dtype=dtype).load_model(), Tokenizer.from_dir(path)
     ids = [tok.encode(p) for p in prompts]
     params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
     Engine(model).complete(ids[:1], params)  # warm-up
@@ -215,16 +216,23 @@ POLICIES = ("all-local", "mix", "all-remote", "static-split", "remoe", "moeless"
 
 
 def policy_replay(prompts: list[str], new_tokens: int, reference: list[list[int]], out: Path,
-                  traces: str | None = None) -> dict:
+                  traces: str | None = None, policies: tuple[str, ...] = POLICIES) -> dict:
     """Every policy on the same prompt replay: tokens against the in-process engine, billed GB-s
-    (invocation mode: what the functions actually worked) and latency. Prompts run one after
-    another so plans adapt from request to request."""
+    (invocation mode: what the functions actually worked) and latency, the planner's estimate
+    beside the meter's. Prompts run one after another so plans adapt from request to request.
+    static-split serves the upper half of every layer's experts remotely."""
+    from mesh.config import resolve_model_path
+    from nodes.model.config import MoEConfig
+
+    model = MoEConfig.from_file(resolve_model_path(str(EXTRA.get("model.path", "bundled"))))
+    half = model.num_experts // 2
+    remote = [[layer, e] for layer in range(model.num_moe_layers) for e in range(half, model.num_experts)]
     rows = {}
-    for i, policy in enumerate(POLICIES):
-        _progress(i, len(POLICIES), f"policy {policy}")
+    for i, policy in enumerate(policies):
+        _progress(i, len(policies), f"policy {policy}")
         overrides = {"coordinator.client_port": 0, "coordinator.control_port": 0, "coordinator.metrics_port": 0,
                      "policy.name": policy, "policy.replan_every": 1, "billing.mode": "invocation",
-                     "policy.remote": [[layer, e] for layer in range(6) for e in range(4, 8)]}
+                     "policy.remote": remote}
         if traces:
             overrides["predictor.traces"] = traces
         overrides.update(EXTRA)
@@ -260,8 +268,8 @@ def policy_replay(prompts: list[str], new_tokens: int, reference: list[list[int]
                                        if est_tpot else None),
             "data_plane": status.get("data_plane"), "main": status.get("main"),
         }
-    _progress(len(POLICIES), len(POLICIES), "done")
-    base = rows["all-local"]["cost"]
+    _progress(len(policies), len(policies), "done")
+    base = rows["all-local"]["cost"] if "all-local" in rows else None
     for row in rows.values():
         row["cost_vs_all_local"] = row["cost"] / base if base else None
     return rows
@@ -276,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", action="store_true",
                     help="instead: replay the prompts under every policy and compare tokens, GB-s and latency")
     ap.add_argument("--traces", help="with --policies: a trace store the predictor learns from first")
+    ap.add_argument("--only", default=",".join(POLICIES), metavar="POLICY,...",
+                    help="with --policies: which policies (default: all eight)")
+    ap.add_argument("--preset", metavar="NAME[:LAYERS]",
+                    help="run on a realistic-size synthetic checkpoint (moemesh synth; generated on first "
+                         "use, cached in checkpoints/), in bfloat16, e.g. qwen1.5-moe-a2.7b:4")
     ap.add_argument("--http", action="store_true",
                     help="instead: TTFT and TPOT through the HTTP front end against the SDK, same prompts (http.json)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -283,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from mesh.launcher import parse_overrides
 
+    if args.preset:
+        from nodes.synth import ensure_checkpoint
+
+        name, _, layers = args.preset.partition(":")
+        EXTRA.update({"model.path": str(ensure_checkpoint(name, int(layers) if layers else None).resolve()),
+                      "model.dtype": "bfloat16"})
     EXTRA.update(parse_overrides(args.set))
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = job_prompts(args.prompts)
@@ -294,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if result["text_identical"] else 1
     if args.policies:
         local = _in_process_decode(prompts, args.new_tokens)
-        rows = policy_replay(prompts, args.new_tokens, local["tokens"], args.out, args.traces)
+        chosen = tuple(p for p in args.only.split(",") if p)
+        rows = policy_replay(prompts, args.new_tokens, local["tokens"], args.out, args.traces, chosen)
         (args.out / "policies.json").write_text(json.dumps(rows, indent=1))
         print(f"{'policy':<13}{'tokens':>8}{'GB-s':>10}{'est GB-s':>10}{'est/meter':>10}{'experts':>10}"
               f"{'cost/all-local':>16}{'fns':>5}{'calls':>7}{'TTFT p50':>10}{'TPOT p50':>10}{'est TPOT':>10}"
@@ -306,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in rows.items():
             print(f"{name:<13}{'same' if r['tokens_identical'] else 'DIFFER':>8}{r['gb_s']:>10.3f}"
                   f"{num(r['estimate_gb_s'], '.3f'):>10}{num(r['estimate_vs_meter_gb_s'], '.2f'):>10}"
-                  f"{r['gb_s_experts']:>10.3f}{r['cost_vs_all_local']:>16.2f}{r['functions']:>5}{r['remote_calls']:>7}"
+                  f"{r['gb_s_experts']:>10.3f}{num(r['cost_vs_all_local'], '.2f'):>16}{r['functions']:>5}{r['remote_calls']:>7}"
                   f"{r['ttft_p50_s']:>9.3f}s{r['tpot_p50_s']:>9.3f}s{num(r['estimate_tpot_p50_s'], '.3f'):>9}s"
                   f"{r['slo_met']:>9.0%}")
         print(f"wrote {args.out / 'policies.json'}")

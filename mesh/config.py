@@ -487,6 +487,8 @@ class PolicyConfig:
     profiles:           "auto": measure this host's profiles on first use (`moemesh profile`,
                         cached in profiles/<host>/<model>.json); "measured": require them;
                         "synthetic": plan from built-in numbers (tests, quick looks)
+    meter_guard:        moemesh: plan all-local once the meter shows its plans costing more
+                        than the all-local baseline for the same traffic
     """
 
     name: str = setting("moemesh", NOT_EMPTY)
@@ -499,6 +501,7 @@ class PolicyConfig:
     function_memory_gb: float = setting(0.25, at_least(0))
     function_replicas: int = setting(1, at_least(1))
     profiles: Literal["auto", "measured", "synthetic"] = "auto"
+    meter_guard: bool = True
 
     def __post_init__(self) -> None:
         _validate(self)

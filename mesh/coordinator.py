@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -124,6 +125,7 @@ class Coordinator:
         )
         self.registry = Registry()
         self.since_plan = 0
+        self.guard_tripped = False  # the meter guard (see _guarded_config)
         # Memory held = memory billed: the main function holds the non-expert weights and only the
         # experts its plan keeps local (loaded below, once the plan is made).
         self.model = self.checkpoint.load_model(experts=())
@@ -209,7 +211,8 @@ class Coordinator:
         warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
         try:
             forecast = self.predictor.forecast(features)
-            plan = planning.make_plan(self.config, self.model.config, forecast,
+            config = self._guarded_config()
+            plan = planning.make_plan(config, self.model.config, forecast,
                                       Workload(max(1, prompt_tokens), max(1, new_tokens)), warm=warm,
                                       profiles=self.profiles)
         except Exception as exc:  # a policy that cannot plan keeps the plan in force
@@ -226,6 +229,26 @@ class Coordinator:
         log.info("re-planned with %s in %.1f ms: %d local experts, %d functions (forecast by %s, confidence %.2f)",
                  plan.policy, (time.perf_counter() - start) * 1e3, len(plan.local), len(plan.functions),
                  forecast.source, forecast.confidence)
+
+    def _guarded_config(self) -> MeshConfig:
+        """The meter overrules the estimator: once the `moemesh` policy has cost more on the meter
+        than the all-local baseline for the same traffic (after 2 requests), it plans all-local
+        from then on ([policy] meter_guard = false turns this off)."""
+        policy = self.config.policy
+        if policy.name != "moemesh" or not policy.meter_guard:
+            return self.config
+        if not self.guard_tripped and len(self.meter.finished) >= 2:
+            billing = self.meter.billing()
+            baseline = billing.get("baseline_all_local_cost")
+            if baseline and billing["cost"] > baseline:
+                self.guard_tripped = True
+                log.warning("meter guard: %s so far cost $%.3g against $%.3g for all-local on the same traffic; "
+                            "planning all-local from now on (the estimator misjudged this model on this host; "
+                            "[policy] meter_guard = false to keep planning with it)",
+                            policy.name, billing["cost"], baseline)
+        if not self.guard_tripped:
+            return self.config
+        return dataclasses.replace(self.config, policy=dataclasses.replace(policy, name="all-local"))
 
     def _estimate(self, features, prompt_tokens: int, new_tokens: int) -> dict | None:
         """The planner's figures for this request under the plan in force (its forecast, the warm

@@ -407,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
                          "the billing summary, then shut down")
     ap.add_argument("--prompts", type=int, default=6, help="main job: how many prompts")
     ap.add_argument("--max-new-tokens", type=int, default=24, help="main job: tokens per prompt")
+    ap.add_argument("--preset", metavar="NAME[:LAYERS]",
+                    help="serve a realistic-size synthetic checkpoint instead of [model] path (moemesh synth "
+                         "presets: qwen1.5-moe-a2.7b, deepseek-v2-lite, mixtral-8x7b; generated on first use, "
+                         "cached in checkpoints/), in bfloat16, e.g. --preset qwen1.5-moe-a2.7b:4")
     ap.add_argument("--compare", default="all-local,all-remote", metavar="POLICY,...",
                     help="main job: then replay the same prompts on a fresh mesh per policy and print the "
                          "meters side by side ('' for none)")
@@ -424,7 +428,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     path = Path(args.config)
     try:
-        config = load_config(path if path.exists() else None, parse_overrides(args.set))
+        overrides = parse_overrides(args.set)
+        if args.preset:  # a realistic-size synthetic checkpoint, generated on first use (progress bar)
+            from nodes.synth import ensure_checkpoint
+
+            name, _, layers = args.preset.partition(":")
+            overrides = {"model.path": str(ensure_checkpoint(name, int(layers) if layers else None).resolve()),
+                         "model.dtype": "bfloat16", **overrides}
+        config = load_config(path if path.exists() else None, overrides)
     except MeshError as exc:
         print(f"mesh-up: {exc}", file=sys.stderr)
         return 2
