@@ -134,11 +134,15 @@ class Checkpoint:
         what the mesh's main function keeps local), or none of them (skip_experts)."""
         if skip_experts:
             experts = ()
-        if experts is not None:
-            experts = list(experts)
-            self._check_experts(experts)
-        model = MoEModel(self.config, experts).to(self.dtype)  # allocates only the held experts
+        config = self.config
+        experts = ([(m, e) for m in range(config.num_moe_layers) for e in range(config.num_experts)]
+                   if experts is None else list(experts))
+        self._check_experts(experts)
+        model = MoEModel(config, experts=()).to(self.dtype)  # the non-expert weights
         self._fill(model, "")
+        blocks = model.moe_blocks()
+        for (layer, e), mlp in self.load_experts(experts).items():  # each allocated once, in dtype
+            blocks[layer].experts.add(e, mlp)
         return model.eval()
 
     def _check_experts(self, experts: Iterable[tuple[int, int]]) -> None:
@@ -156,7 +160,9 @@ class Checkpoint:
         experts = list(experts)
         self._check_experts(experts)
         for layer, expert in experts:
-            mlp = MLP(config.hidden_size, config.expert_intermediate_size).to(self.dtype)
+            with torch.device("meta"):  # no float32 init: a function's memory limit is its weights
+                mlp = MLP(config.hidden_size, config.expert_intermediate_size)
+            mlp = mlp.to(self.dtype).to_empty(device="cpu")
             self._fill(mlp, expert_prefix(config, layer, expert))
             out[(layer, expert)] = mlp.eval()
         return out

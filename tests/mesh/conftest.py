@@ -76,6 +76,20 @@ def running_mesh(model_path, tmp_path, **overrides):
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"left behind: {alive}"
 
 
+def sigterm_leaves_nothing(proc) -> list[int]:
+    """SIGTERM a running `mesh-up` process: it exits 0 and leaves no process of its tree behind.
+    Returns the tree's pids as they were."""
+    import os
+    import signal
+
+    tree = _tree(proc.pid)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(30) == 0
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in tree if psutil.pid_exists(p)], timeout=15)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"left behind: {alive}"
+    return tree
+
+
 def _tree(pid: int) -> list[int]:
     try:
         proc = psutil.Process(pid)
@@ -92,4 +106,4 @@ def dump(mesh: Mesh) -> str:
     return "\n".join(out)
 
 
-__all__ = ["PROMPTS", "TINY", "dump", "json", "mesh_config", "running_mesh"]
+__all__ = ["PROMPTS", "TINY", "dump", "json", "mesh_config", "running_mesh", "sigterm_leaves_nothing"]

@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 
-import psutil
 import pytest
 
 from mesh.client import MeshClient, SyncMeshClient
 from mesh.errors import Cancelled, MeshUnavailable, RequestRejected, Timeout
-from tests.mesh.conftest import PROMPTS, mesh_config, running_mesh
+from tests.mesh.conftest import PROMPTS, mesh_config, running_mesh, sigterm_leaves_nothing
 
 
 def test_unreachable_coordinator_is_mesh_unavailable_with_a_hint():
@@ -83,12 +82,7 @@ def test_mesh_up_runs_and_sigterm_leaves_nothing_behind(tiny_model, tmp_path):
         address = line.split("client address: ")[1].split()[0]
         with SyncMeshClient(address) as client:
             assert [t for t in client.generate("", prompt_ids=PROMPTS[0], max_new_tokens=4, stop_at_eos=False)]
-        tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
-        assert len(tree) >= 4  # mesh-up, coordinator, daemon, zygote (+ workers)
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(30) == 0
-        _, alive = psutil.wait_procs([psutil.Process(p) for p in tree if psutil.pid_exists(p)], timeout=15)
-        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert len(sigterm_leaves_nothing(proc)) >= 4  # mesh-up, coordinator, daemon, zygote (+ workers)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -39,7 +39,7 @@ from mesh.launcher import (
 )
 from nodes.model.checkpoint import Checkpoint
 from nodes.model.engine import Engine, SamplingParams
-from tests.mesh.conftest import PROMPTS, dump, mesh_config, running_mesh
+from tests.mesh.conftest import PROMPTS, dump, mesh_config, running_mesh, sigterm_leaves_nothing
 from tests.mesh.test_client_and_launcher import _to_toml
 from tests.mesh.test_mesh_e2e import generate_all, status
 
@@ -247,11 +247,7 @@ def test_mesh_up_restarts_a_killed_daemon_and_keeps_serving(tiny_model, referenc
         assert tokens == reference[0]
         assert proc.poll() is None, "mesh-up exited after a daemon died"
         assert "restarted" in (tmp_path / "mesh-up.err").read_text()
-        tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(30) == 0
-        _, alive = psutil.wait_procs([psutil.Process(p) for p in tree if psutil.pid_exists(p)], timeout=15)
-        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        sigterm_leaves_nothing(proc)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -497,11 +493,7 @@ def test_mesh_up_starts_an_ssh_hosts_daemon_with_its_command_and_prefixes_its_lo
         log_lines = (logs / "farnode.log").read_text().splitlines()
         assert log_lines and all(x.startswith("[far] ") for x in log_lines), log_lines[:5]
         assert any("registered with the coordinator" in x for x in log_lines)
-        tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(30) == 0
-        _, alive = psutil.wait_procs([psutil.Process(p) for p in tree if psutil.pid_exists(p)], timeout=15)
-        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        sigterm_leaves_nothing(proc)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -397,3 +397,34 @@ def test_every_zmq_socket_is_hardened_where_it_is_made() -> None:
                 if not any("harden(" in after for after in lines[number: number + 7]):
                     missing.append(f"{name}:{number + 1}: {line.strip()}")
     assert not missing, "sockets without mesh.sockets.harden():\n" + "\n".join(missing)
+
+
+def test_a_whole_mesh_runs_under_curve_and_refuses_a_keyless_client(tiny_model, reference, keys, tmp_path) -> None:
+    """Every socket of a real mesh (client, control, metrics, workers' data) under CURVE: the
+    daemons, workers and the executor use the keys launch.toml names; tokens are unchanged."""
+    import asyncio
+
+    from mesh.client import MeshClient
+    from mesh.errors import MeshError
+    from tests.mesh.conftest import PROMPTS, dump, running_mesh
+
+    overrides = {"security.curve": "on", "security.keys_dir": str(keys)}
+    with running_mesh(tiny_model, tmp_path, **overrides) as mesh:
+        address = mesh.endpoints["client"]
+
+        async def keyed():
+            async with MeshClient.from_config(address, mesh.config, timeout_s=60) as client:
+                gen = client.generate("", prompt_ids=PROMPTS[0], max_new_tokens=12, stop_at_eos=False)
+                tokens = [t.token_id async for t in gen]
+                return tokens, await client.status()
+
+        tokens, st = asyncio.run(keyed())
+        assert tokens == reference[0], dump(mesh)
+        assert st["data_plane"]["replies"] > 0  # the remote experts answered over CURVE
+
+        async def keyless():
+            async with MeshClient(address, timeout_s=3, connect_timeout_s=3) as client:
+                await client.status()
+
+        with pytest.raises(MeshError):
+            asyncio.run(keyless())
