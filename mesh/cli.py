@@ -9,6 +9,7 @@
     moemesh trace --out DIR            record activation traces (in process, or through a mesh)
     moemesh predictor-eval             evaluate the predictors on activation traces
     moemesh tui                        the live dashboard
+    moemesh synth --preset NAME        write a realistic-size checkpoint (Qwen1.5-MoE, DeepSeek-V2-Lite, Mixtral shapes)
     moemesh keys --out DIR --name NAME make a CURVE key pair for [security] (NAME.public, NAME.secret)
     moemesh workload poisson --out F   write a workload file (Azure trace window, Poisson, Gamma)
     moemesh compare --workload F       every chosen policy on one workload file, against a real mesh
