@@ -134,6 +134,7 @@ class Coordinator:
         # profiles read once; the main function's dense work timed on the model itself
         self.profiles = planning.running_profiles(planning.profiles_of(config, model_config), self.model)
         self.workload = planning.DEFAULT_WORKLOAD  # what the plan in force was sized for
+        self.cluster = planning.cluster_of(config)
         self.plan = planning.make_plan(config, model_config, profiles=self.profiles)
         self.baseline_main_gb = planning.all_local_main_gb(config, model_config, self.profiles)
         self.main = MainExperts(self.model, self.checkpoint, self._main_changed)
@@ -198,27 +199,39 @@ class Coordinator:
         """Policies that plan from a forecast (the baselines' plans never change)."""
         return self.config.policy.name not in FIXED_POLICIES
 
-    def _replan(self, features, prompt_tokens: int, new_tokens: int) -> None:
-        """Forecast this request, plan from it, warm what the plan names (per batch window)."""
-        replan_every = self.config.policy.replan_every
-        self.since_plan += 1
-        if not self.adaptive or (replan_every == 0 and self.since_plan > 1) or \
-                (replan_every and (self.since_plan - 1) % replan_every):
-            return
+    def _plan_for(self, request_id: str, features, prompt_tokens: int, new_tokens: int) -> None:
+        """At admission, off the event loop: forecast the request once, re-plan from the forecast
+        when the policy adapts and a batch window is due, and record the planner's estimate of
+        the plan in force beside what the meter will measure."""
         from allocator.model import WarmInstance, Workload
 
-        start = time.perf_counter()
-        warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
+        workload = Workload(max(1, prompt_tokens), max(1, new_tokens))
         try:
             forecast = self.predictor.forecast(features)
-            config = self._guarded_config()
-            plan = planning.make_plan(config, self.model.config, forecast,
-                                      Workload(max(1, prompt_tokens), max(1, new_tokens)), warm=warm,
+        except Exception as exc:  # e.g. the oracle asked about a prompt it has not seen
+            log.warning("predictor %s could not forecast (%s); keeping the plan in force",
+                        self.config.predictor.name, exc)
+            return
+        warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
+        if self._replan_due():
+            self._replan(forecast, workload, warm)
+        self.meter.request_estimate(request_id, self._estimate(forecast, workload, warm))
+
+    def _replan_due(self) -> bool:
+        replan_every = self.config.policy.replan_every
+        self.since_plan += 1
+        return self.adaptive and not ((replan_every == 0 and self.since_plan > 1) or
+                                      (replan_every and (self.since_plan - 1) % replan_every))
+
+    def _replan(self, forecast, workload, warm) -> None:
+        """Plan from the forecast; load what the plan keeps local before it names it local."""
+        start = time.perf_counter()
+        try:
+            plan = planning.make_plan(self._guarded_config(), self.model.config, forecast, workload, warm=warm,
                                       profiles=self.profiles)
         except Exception as exc:  # a policy that cannot plan keeps the plan in force
             log.warning("policy %s could not plan (%s); keeping the plan in force", self.config.policy.name, exc)
             return
-        workload = Workload(max(1, prompt_tokens), max(1, new_tokens))
         loaded, seconds = self.main.load(plan.local, pin=True)  # before the plan names them local
         if loaded:
             self.meter.main_loaded(loaded, seconds, "re-plan")
@@ -250,19 +263,15 @@ class Coordinator:
             return self.config
         return dataclasses.replace(self.config, policy=dataclasses.replace(policy, name="all-local"))
 
-    def _estimate(self, features, prompt_tokens: int, new_tokens: int) -> dict | None:
-        """The planner's figures for this request under the plan in force (its forecast, the warm
+    def _estimate(self, forecast, workload, warm) -> dict | None:
+        """The planner's figures for a request under the plan in force (its forecast, the warm
         instances now, the main function already up), recorded beside what the meter measures."""
         from allocator.cost import Loads, estimate
-        from allocator.model import WarmInstance, Workload
 
         try:
-            workload = Workload(max(1, prompt_tokens), max(1, new_tokens))
-            forecast = self.predictor.forecast(features)
-            warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
             loads = Loads.from_forecast(forecast, workload, self.profiles.shape.top_k)
-            return estimate(self.plan, loads, self.profiles, planning.cluster_of(self.config), workload,
-                            warm=warm, main_warm=True).summary()
+            return estimate(self.plan, loads, self.profiles, self.cluster, workload, warm=warm,
+                            main_warm=True).summary()
         except Exception as exc:  # an estimate is for the record: never fail a request over it
             log.warning("no planner estimate for this request (%s)", exc)
             return None
@@ -391,9 +400,8 @@ class Coordinator:
         features = prompt_features(self.model, ids, req.max_new_tokens, req.prompt)
         self.features[req.request_id] = features
         self.prompts[req.request_id] = req.prompt
-        if self.adaptive:  # planning off the event loop: sockets and heartbeats keep flowing
-            await asyncio.to_thread(self._replan, features, len(ids), req.max_new_tokens)
-        self.meter.request_estimate(req.request_id, self._estimate(features, len(ids), req.max_new_tokens))
+        # forecast, planning and the estimate off the event loop: sockets and heartbeats keep flowing
+        await asyncio.to_thread(self._plan_for, req.request_id, features, len(ids), req.max_new_tokens)
         self._warm()  # cold starts overlap the prompt's first layers
         self.loop_thread.inbox.put(Admit(req.request_id, ids, params))
         self.exporter.admitted(req.request_id)
@@ -700,7 +708,7 @@ class Coordinator:
         snap = self.meter.snapshot()
         return {"endpoints": self.endpoints, "model": str(self.model_path), "policy": snap["policy"],
                 "nodes": self._nodes_view(time.time()), "instances": snap["instances"],
-                "billing": snap["billing"], "slo": snap["slo"], "engine": dict(self.executor.stats),
+                "billing": snap["billing"], "slo": snap["slo"], "engine": snap["data_plane"],
                 "rounds": self.executor.round_summary(), "steps": self.loop_thread.steps if self.loop_thread else 0,
                 "cold_starts": snap["cold_starts"], "deaths": snap["deaths"], "stragglers": snap["stragglers"],
                 "main": snap["main"], "data_plane": snap["data_plane"], "load": snap["load"],

@@ -84,7 +84,6 @@ class MeshExecutor:
         self._segment_of_token = torch.zeros(0, dtype=torch.long)
         self._step_counts: torch.Tensor | None = None
         self.num_moe_layers = 0
-        self.stats = {"calls": 0, "fallbacks": 0, "retries": 0, "late": 0, "on_demand": 0}
         self._record: RoundRecord | None = None  # the round in progress
         self._seen_generation = -1
         self._seen_warm: set[str] = set()  # functions that have had a warm instance
@@ -142,7 +141,6 @@ class MeshExecutor:
                                torch.as_tensor(kept, dtype=torch.long), plan.num_tokens)
                 y = torch.zeros_like(plan.x)  # a dropped slot contributes nothing: the residual carries it
                 dropped = int(plan.x.shape[0] - len(rows))
-                self.stats["dropped"] = self.stats.get("dropped", 0) + dropped
                 y[rows] = self._round(block, sub, plan.counts, dropped)
                 return y
         return self._round(block, plan, plan.counts)
@@ -181,7 +179,6 @@ class MeshExecutor:
             self._hold(layer, chunk.expert_ids)
             y[chunk.rows] = self._local(block, plan, chunk)
         rec.seconds = time.perf_counter() - start
-        self.stats["fallbacks"] += rec.fallbacks
         self.meter.post(rec)
         self._record = None
         if remote and not rec.waited_for:  # rounds that waited for a cold start would skew the mean
@@ -219,7 +216,6 @@ class MeshExecutor:
             return
         loaded, seconds = self.main.load(missing, on_demand=True)
         if loaded:
-            self.stats["on_demand"] += len(loaded)
             self._record.on_demand.append({
                 "time": time.time(), "instance_id": "main", "function_id": "main", "node": "main",
                 "path": "on-demand", "experts": [list(e) for e in loaded], "stages": {"weights": seconds},
@@ -316,7 +312,6 @@ class MeshExecutor:
             return False
         chunk.instance, chunk.sent_at = inst, time.perf_counter()
         pending[call_id] = chunk
-        self.stats["calls"] += 1
         self._record.calls += 1
         return True
 
@@ -331,7 +326,6 @@ class MeshExecutor:
             left = deadline - time.perf_counter()
             if left <= 0:
                 for call_id in list(pending):
-                    self.stats["late"] += 1
                     self._record.late += 1
                     self._failed(pending.pop(call_id), "no reply within call_timeout_s", plan, layer,
                                  pending, fallback, poller)
@@ -378,7 +372,6 @@ class MeshExecutor:
         target = self._retry_target(chunk) if chunk.attempt < self.settings.retries else None
         if target is not None:
             chunk.attempt += 1
-            self.stats["retries"] += 1
             self._record.retries += 1
             if self._send(chunk, target, plan, layer, pending):
                 sock = self.sockets[chunk.instance.instance_id]

@@ -261,8 +261,7 @@ class Meter:
         self._layer_load(rec.layer, rec.counts, rec.layers)
         for reply in rec.replies:
             self._invocation(reply.instance_id, reply.latency_s, reply.compute_s, reply.rows)
-        if rec.calls or rec.fallbacks:
-            self._scatter_round(rec.layer, [(r.instance_id, r.function_id, r.latency_s) for r in rec.replies])
+        self._scatter_round(rec.layer, [(r.instance_id, r.function_id, r.latency_s) for r in rec.replies])
         for instance_id in rec.waited_for:
             self._cold_start_on_path(instance_id, rec.request_ids)
         for load in rec.on_demand:
@@ -312,12 +311,8 @@ class Meter:
                 "critical_path": False,
             })
 
-    def cold_start_on_path(self, instance_id: str, request_ids: list[str]) -> None:
-        """A call waited for this instance's cold start: mark it on those requests' critical path."""
-        with self._lock:
-            self._cold_start_on_path(instance_id, request_ids)
-
     def _cold_start_on_path(self, instance_id: str, request_ids: list[str]) -> None:
+        """A round waited for this instance's cold start: mark it on those requests' critical path."""
         rec = self.instances.get(instance_id)
         if rec is None or rec.critical_path:
             return
@@ -420,15 +415,6 @@ class Meter:
                 if rec.first_token_at is None:
                     rec.first_token_at = self.clock()
                 rec.generated_tokens += 1
-
-    def request_calls(self, request_ids: list[str], calls: int, fallbacks: int) -> None:
-        with self._lock:
-            self._fold()
-            for rid in request_ids:
-                rec = self.requests.get(rid)
-                if rec is not None:
-                    rec.remote_calls += calls
-                    rec.fallbacks += fallbacks
 
     def request_done(self, request_id: str, finish_reason: str) -> dict:
         with self._lock:

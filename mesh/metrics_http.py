@@ -84,7 +84,7 @@ class MetricsService:
                 return
             self._updated_at = now
             self.metrics.update(snapshot, c.meter.instance_ledger(), c.config.coordinator.max_batch,
-                                snapshot.get("data_plane") or dict(c.executor.stats))
+                                snapshot.get("data_plane") or {})
         except Exception:
             log.exception("metrics: a tick's update failed (the next one retries)")
             self.metrics.errors.inc()

@@ -9,10 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nodes.model.checkpoint import save_checkpoint
-from nodes.model.config import MoEConfig
-from nodes.model.model import MoEModel
-from tests.mesh.conftest import TINY
+from tests.mesh.conftest import write_tiny
 
 
 @pytest.fixture(autouse=True)
@@ -30,12 +27,4 @@ def exact_float32():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """The mesh tests' random 2-layer x 4-expert Mixtral, saved as safetensors (float32)."""
-    path = tmp_path_factory.mktemp("gpu-tiny-mixtral")
-    torch.manual_seed(0)
-    model = MoEModel(MoEConfig.from_hf_dict(TINY))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape) if "norm" in name
-                    else torch.randn(p.shape) * (0.5 if "gate.weight" in name else 0.2))
-    save_checkpoint(model, TINY, path, dtype=torch.float32)
-    return path
+    return write_tiny(tmp_path_factory.mktemp("gpu-tiny-mixtral"))

@@ -17,10 +17,9 @@ from mesh.meter import Meter, Prices
 from mesh.staging import Staging
 from nodes.model.cache import Segment
 from nodes.model.checkpoint import Checkpoint
-from nodes.model.config import MoEConfig
 from nodes.model.engine import Engine, SamplingParams
 from nodes.model.model import MoEModel
-from tests.nodes.hf_tiny import COMMON, TINY
+from tests.nodes.hf_tiny import TINY, random_model
 
 pytestmark = pytest.mark.gpu
 
@@ -34,13 +33,7 @@ def cuda() -> torch.device:
     return resolve_device("cuda")
 
 
-def tiny(family: str, seed: int = 0) -> MoEModel:
-    torch.manual_seed(seed)
-    model = MoEModel(MoEConfig.from_hf_dict({"model_type": family, **COMMON, **TINY[family]}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape) if "norm" in name else torch.randn(p.shape) * 0.2)
-    return model.eval()
+tiny = random_model
 
 
 def pair(model: MoEModel) -> tuple[MoEModel, MoEModel]:

@@ -26,7 +26,11 @@ PROMPTS = [[3, 14, 15, 9, 26], [5, 35, 8, 9, 7, 9, 3, 2], [38, 46], [26, 43, 38,
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A random 2-layer x 4-expert Mixtral saved as real safetensors (float32, exact)."""
-    path = tmp_path_factory.mktemp("tiny-mixtral")
+    return write_tiny(tmp_path_factory.mktemp("tiny-mixtral"))
+
+
+def write_tiny(path):
+    """The random 2-layer x 4-expert Mixtral (seed 0) as float32 safetensors at `path`."""
     torch.manual_seed(0)
     model = MoEModel(MoEConfig.from_hf_dict(TINY))
     with torch.no_grad():
@@ -34,6 +38,15 @@ def tiny_model(tmp_path_factory):
             p.copy_(1.0 + 0.1 * torch.randn(p.shape) if "norm" in name else torch.randn(p.shape) * (0.5 if "gate.weight" in name else 0.2))
     save_checkpoint(model, TINY, path, dtype=torch.float32)
     return path
+
+
+def mesh_up_address(proc) -> str:
+    """Read a `mesh-up` process's stdout until "mesh is up"; its client address."""
+    line = ""
+    while "mesh is up" not in line:
+        line = proc.stdout.readline().decode()
+        assert line or proc.poll() is None, "mesh-up exited before the mesh was up"
+    return line.split("client address: ")[1].split()[0]
 
 
 @pytest.fixture(scope="session")
@@ -106,4 +119,5 @@ def dump(mesh: Mesh) -> str:
     return "\n".join(out)
 
 
-__all__ = ["PROMPTS", "TINY", "dump", "json", "mesh_config", "running_mesh", "sigterm_leaves_nothing"]
+__all__ = ["PROMPTS", "TINY", "dump", "json", "mesh_config", "mesh_up_address", "running_mesh",
+           "sigterm_leaves_nothing", "write_tiny"]

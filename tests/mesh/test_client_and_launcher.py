@@ -13,7 +13,13 @@ import pytest
 
 from mesh.client import MeshClient, SyncMeshClient
 from mesh.errors import Cancelled, MeshUnavailable, RequestRejected, Timeout
-from tests.mesh.conftest import PROMPTS, mesh_config, running_mesh, sigterm_leaves_nothing
+from tests.mesh.conftest import (
+    PROMPTS,
+    mesh_config,
+    mesh_up_address,
+    running_mesh,
+    sigterm_leaves_nothing,
+)
 
 
 def test_unreachable_coordinator_is_mesh_unavailable_with_a_hint():
@@ -75,11 +81,7 @@ def test_mesh_up_runs_and_sigterm_leaves_nothing_behind(tiny_model, tmp_path):
                              str(tmp_path / "logs")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        line = ""
-        while "mesh is up" not in line:
-            line = proc.stdout.readline().decode()
-            assert line or proc.poll() is None, "mesh-up exited before the mesh was up"
-        address = line.split("client address: ")[1].split()[0]
+        address = mesh_up_address(proc)
         with SyncMeshClient(address) as client:
             assert [t for t in client.generate("", prompt_ids=PROMPTS[0], max_new_tokens=4, stop_at_eos=False)]
         assert len(sigterm_leaves_nothing(proc)) >= 4  # mesh-up, coordinator, daemon, zygote (+ workers)

@@ -39,7 +39,14 @@ from mesh.launcher import (
 )
 from nodes.model.checkpoint import Checkpoint
 from nodes.model.engine import Engine, SamplingParams
-from tests.mesh.conftest import PROMPTS, dump, mesh_config, running_mesh, sigterm_leaves_nothing
+from tests.mesh.conftest import (
+    PROMPTS,
+    dump,
+    mesh_config,
+    mesh_up_address,
+    running_mesh,
+    sigterm_leaves_nothing,
+)
 from tests.mesh.test_client_and_launcher import _to_toml
 from tests.mesh.test_mesh_e2e import generate_all, status
 
@@ -266,7 +273,7 @@ def _coordinator_stub(mesh: Mesh, code: str) -> subprocess.Popen:
 
 def test_a_silent_coordinator_fails_mesh_up_at_its_deadline(tiny_model):
     mesh = Mesh(mesh_config(tiny_model))
-    proc = _coordinator_stub(mesh, "import time; print('loading', flush=True); time.sleep(60)")
+    proc = _coordinator_stub(mesh, "import signal; print('loading', flush=True); signal.pause()")
     try:
         start = time.monotonic()
         with pytest.raises(MeshError, match="not ready within 1 s") as err:
@@ -479,11 +486,7 @@ def test_mesh_up_starts_an_ssh_hosts_daemon_with_its_command_and_prefixes_its_lo
                              "--remote-python", sys.executable], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=env, cwd=os.getcwd())
     try:
-        line = ""
-        while "mesh is up" not in line:
-            line = proc.stdout.readline().decode()
-            assert line or proc.poll() is None, "mesh-up exited before the mesh was up"
-        address = line.split("client address: ")[1].split()[0]
+        address = mesh_up_address(proc)
         with SyncMeshClient(address) as client:
             tokens = [t.token_id for t in client.generate("", prompt_ids=PROMPTS[0], max_new_tokens=12,
                                                          stop_at_eos=False)]

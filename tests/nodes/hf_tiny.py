@@ -55,3 +55,17 @@ def make_tiny(family: str, path: Path, seed: int = 0, max_shard_size: str | None
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return model
+
+
+def random_model(family: str, seed: int = 0):
+    """Our MoEModel of `family` from the HF-style config dicts above, random weights (no
+    transformers needed): what the device tests run on CPU and on CUDA."""
+    from nodes.model.config import MoEConfig
+    from nodes.model.model import MoEModel
+
+    torch.manual_seed(seed)
+    model = MoEModel(MoEConfig.from_hf_dict({"model_type": family, **COMMON, **TINY[family]}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape) if "norm" in name else torch.randn(p.shape) * 0.2)
+    return model.eval()

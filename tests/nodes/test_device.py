@@ -25,12 +25,11 @@ from mesh.errors import ConfigError
 from mesh.protocol import SpawnFunction, decode, encode
 from nodes.model.cache import Segment
 from nodes.model.checkpoint import Checkpoint
-from nodes.model.config import MoEConfig
 from nodes.model.engine import Engine, SamplingParams
 from nodes.model.layers import Rotary
 from nodes.model.model import MoEModel
 from nodes.worker import WorkerSpec
-from tests.nodes.hf_tiny import COMMON, TINY
+from tests.nodes.hf_tiny import TINY, random_model
 
 BUNDLED = MeshConfig().model.resolved_path()
 PROMPTS = [[5, 17, 301, 44, 9], [1000, 2, 3], [77]]
@@ -50,14 +49,7 @@ def fake_cuda(monkeypatch, count: int) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
 
 
-def tiny(family: str, seed: int = 0) -> MoEModel:
-    """A random model of `family` from the HF-style config dict (no transformers needed)."""
-    torch.manual_seed(seed)
-    model = MoEModel(MoEConfig.from_hf_dict({"model_type": family, **COMMON, **TINY[family]}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape) if "norm" in name else torch.randn(p.shape) * 0.2)
-    return model.eval()
+tiny = random_model
 
 
 # -- resolve_device --------------------------------------------------------------------------

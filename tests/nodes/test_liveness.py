@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 
+import psutil
 import pytest
 
 from mesh.config import MeshConfig
@@ -114,9 +115,12 @@ def test_a_stalled_daemon_blames_no_worker(node):
     """The daemon itself frozen for longer than hung_after_s: its workers did nothing wrong."""
     ready = _spawn(node, "w-innocent")
     coordinator = node["coordinator"]
-    os.kill(node["daemon"].pid, signal.SIGSTOP)
-    try:
-        time.sleep(HUNG_AFTER_S * 1.5)  # the fault being injected (a stall), not a synchronisation
+    daemon = psutil.Process(node["daemon"].pid)
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:  # the fault: the daemon stays frozen (not gone) for longer than hung_after_s
+        with pytest.raises(psutil.TimeoutExpired):
+            daemon.wait(timeout=HUNG_AFTER_S * 1.5)
+        assert daemon.status() == psutil.STATUS_STOPPED
     finally:
         os.kill(node["daemon"].pid, signal.SIGCONT)
     coordinator.drop_all()
