@@ -51,10 +51,17 @@ log = logging.getLogger("nodes.zygote")
 
 
 def warm() -> None:
-    """Run torch once with one thread, so the first fork does not pay for lazy set-up."""
+    """Run torch once with one thread, so the first fork does not pay for lazy set-up: a matmul,
+    and an expert built the way Checkpoint.load_experts builds one (on the meta device, then
+    allocated in place), whose first use costs ~0.5 s that every forked worker would pay again."""
+    from nodes.model.layers import MLP
+
     torch.set_num_threads(1)
     a = torch.randn(64, 64)
     (a @ a).sum().item()
+    with torch.device("meta"):
+        mlp = MLP(8, 8)
+    mlp.to(torch.bfloat16).to_empty(device="cpu")
 
 
 class Zygote:
