@@ -20,19 +20,23 @@ Source: Remoe's latency and cost model (PAPERS.md 1.3) generalised to any plan (
   layer gives Remoe's decode ``sum_k s_k tc1 + trem``; one expert per function gives the
   max over the top_k called functions (not their sum or mean).
 - TTFT walks the layers from the main cold start: layer l waits for the dense part, then
-  for its called functions to be ready (every planned function is spawned at admission, so
-  their cold starts overlap the main one: Remoe 1.7, DESIGN.md step 3), then its expert
-  phase. A function needed only for decode and still cold at TTFT delays the first decode
-  token. TPOT = decode time / N_out.
+  for its called functions to be ready, then its expert phase. Every cold replica is spawned
+  at admission (Remoe 1.7, DESIGN.md step 3), but not in parallel: each node's zygote forks
+  them one at a time and their INITs share the node's CPUs (allocator.coldstart; measured,
+  the 24th fork of a node is ready ~1.6 s after the first). A function needed only for
+  decode and still cold at TTFT delays the first decode token. The main function is busy,
+  and billed, while it waits. TPOT = decode time / N_out.
 - Billing (DESIGN.md "Billing", PAPERS.md 5), per GB-s at the CPU or GPU price of the node
   kind (a function is GPU when all its nodes are GPU nodes; no nodes = CPU):
-  *invocation*: each instance's expected busy seconds, plus INIT of cold instances when
+  *invocation*: each instance's expected calls x its compute per call rounded up to
+  ``prices.round_s`` (Lambda's 1 ms; the transfer is not the function's time), plus INIT of
+  cold instances (the simulated INIT, the fork excluded, as the meter bills it) when
   ``bill_init``, plus ``per_request`` per expected call; *instance*: every instance from spawn
   to the end of the request plus keep-alive. The main function is billed for the whole
   request (it drives it); a GPU main bills its non-expert part at the GPU price and the rest
   (local experts, CPU-share padding) at the CPU price when the experts sit in host memory
   (``plan.params["local_experts_device"] == "cpu"``, Remoe's ``c_g M_g + c_c m_w``), else all
-  of it at the GPU price: see :func:`main_memory_split`. Per-call 1 ms rounding is not modelled.
+  of it at the GPU price: see :func:`main_memory_split`.
 
 Warm instances (``warm``) match a planned replica when they hold exactly its experts with
 the same memory (and, if the plan names nodes, on that node): no cold start, no INIT.
@@ -46,6 +50,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from allocator.coldstart import ColdReplica, cold_timeline, place_cold
 from allocator.model import SLO, Cluster, WarmInstance, Workload
 from allocator.plan import Plan
 from allocator.profiles import Profiles
@@ -122,6 +127,7 @@ class Estimate:
     money: float
     layer_prefill_s: tuple[float, ...]
     layer_decode_s: tuple[float, ...]
+    function_init_gb_s: float = 0.0
 
     @property
     def billed_gb_s(self) -> float:
@@ -144,6 +150,9 @@ class Estimate:
             "main_cold_s": self.main_cold_s,
             "main_gb_s": self.main_gb_s,
             "functions_gb_s": sum(self.function_gb_s.values()),
+            "functions_init_gb_s": self.function_init_gb_s,
+            "functions_busy_gb_s": sum(self.function_gb_s.values()) - self.function_init_gb_s,
+            "wall_s": self.wall_s,
             "cpu_gb_s": self.cpu_gb_s,
             "gpu_gb_s": self.gpu_gb_s,
             "billed_gb_s": self.billed_gb_s,
@@ -213,7 +222,7 @@ def _branches(plan: Plan, cluster: Cluster) -> _Branches:
 class _Phase:
     probability: np.ndarray  # [branches] chance the branch is called on a step
     time_s: np.ndarray  # [branches] call time when called
-    busy_s: np.ndarray  # [branches] expected instance-seconds per step (all replicas)
+    busy_s: np.ndarray  # [branches] expected billed instance-seconds per step (all replicas)
     calls: np.ndarray  # [branches] expected calls per step (all replicas)
     layer_s: np.ndarray  # [layers] expected expert-phase time per step
 
@@ -245,8 +254,21 @@ def call_probability(slots: np.ndarray, top_k: int) -> float:
     return max(1.0 - miss, min(1.0, total / top_k))
 
 
-def _phase(slots: np.ndarray, branches: _Branches, profiles: Profiles, layers: int) -> _Phase:
-    """slots: [entries] expected token-slots of each served expert on one step."""
+def billed_call_s(compute_s, round_s: float):
+    """A call's billed execution time: its compute rounded up to ``round_s`` (0: not rounded)."""
+    compute = np.asarray(compute_s, dtype=float)
+    if round_s <= 0:
+        return compute
+    return np.where(compute > 0, np.ceil(compute / round_s - 1e-9) * round_s, 0.0)
+
+
+def _phase(
+    slots: np.ndarray, branches: _Branches, profiles: Profiles, layers: int, round_s: float = 0.0
+) -> _Phase:
+    """slots: [entries] expected token-slots of each served expert on one step.
+
+    A remote call is billed (invocation mode) for its own compute rounded up to ``round_s``,
+    not for the transfer: the meter bills the worker's own execution time."""
     count = branches.layer.size
     top_k = profiles.shape.top_k
     hit = np.minimum(slots, 1.0 - 1e-12)
@@ -267,6 +289,7 @@ def _phase(slots: np.ndarray, branches: _Branches, profiles: Profiles, layers: i
     payload = 2.0 * profiles.shape.activation_bytes * call_tokens / spread
     transfer = np.where(branches.remote, profiles.scatter_gather(payload), 0.0)
     time_s = np.where(probability > 0, compute + transfer, 0.0)
+    billed = np.where(probability > 0, billed_call_s(compute, round_s), 0.0)
     layer_s = np.zeros(layers)
     layer_slots = np.bincount(branches.layer, total, layers)
     for layer in range(layers):
@@ -278,7 +301,7 @@ def _phase(slots: np.ndarray, branches: _Branches, profiles: Profiles, layers: i
         called = max(independent, min(1.0, layer_slots[layer] / top_k))
         scale = called / independent if independent > 0 else 0.0
         layer_s[layer] = float(np.sum(time_s[order] * weight)) * scale
-    return _Phase(probability, time_s, probability * time_s * spread, probability * spread, layer_s)
+    return _Phase(probability, time_s, probability * billed * spread, probability * spread, layer_s)
 
 
 def _cold_replicas(plan: Plan, warm: Sequence[WarmInstance]) -> list[int]:
@@ -320,15 +343,27 @@ def estimate(
     prices = cluster.prices
     branches = _branches(plan, cluster)
     where = (branches.entry_layer, branches.entry_expert)
-    prefill = _phase(loads.prefill[where], branches, profiles, layers)
-    decode = _phase(loads.decode[where] / workload.new_tokens, branches, profiles, layers)
+    round_s = prices.round_s if prices.billing == "invocation" else 0.0
+    prefill = _phase(loads.prefill[where], branches, profiles, layers, round_s)
+    decode = _phase(loads.decode[where] / workload.new_tokens, branches, profiles, layers, round_s)
 
-    # Cold starts: every function spawns at admission, in parallel with the main one.
+    # Cold starts: every cold replica spawns at admission, forked one at a time per node and
+    # sharing the node's CPUs in INIT (allocator.coldstart), while the main function runs.
+    count = len(plan.functions)
     cold_replicas = _cold_replicas(plan, warm)
-    cold_s = [
-        float(profiles.cold_start(len(f.experts) * shape.bytes_per_expert)) for f in plan.functions
-    ]
-    ready_s = np.array([c if n else 0.0 for c, n in zip(cold_s, cold_replicas)] + [0.0])
+    timeline = cold_timeline(
+        [
+            ColdReplica(
+                index,
+                node,
+                profiles.spawn_s,
+                float(profiles.init_s(len(plan.functions[index].experts) * shape.bytes_per_expert)),
+            )
+            for index, node in place_cold(plan, cold_replicas, cluster, warm)
+        ],
+        cluster,
+    )
+    ready_s = np.append(timeline.function_ready_s(count), 0.0)
     main_bytes = shape.main_bytes + len(plan.local) * shape.bytes_per_expert
     main_cold = 0.0 if main_warm else float(profiles.main_cold_start(main_bytes))
 
@@ -349,7 +384,6 @@ def estimate(
 
     # Billing.
     invocation = prices.billing == "invocation"
-    count = len(plan.functions)
     remote = branches.function >= 0
     owner = branches.function[remote]
     busy = np.bincount(
@@ -358,18 +392,15 @@ def estimate(
     calls = 1.0 + float(np.sum(prefill.calls[remote] + workload.new_tokens * decode.calls[remote]))
     on_gpu = np.bincount(owner, branches.gpu[remote].astype(float), count) > 0
     memory = np.array([f.memory_gb for f in plan.functions])
+    init = timeline.function_init_s(count) if invocation and prices.bill_init else np.zeros(count)
     if invocation:
-        init = (
-            np.array(cold_replicas, dtype=float) * np.array(cold_s)
-            if prices.bill_init
-            else np.zeros(count)
-        )
         seconds = busy + init
     else:
         seconds = np.array([f.replicas for f in plan.functions], dtype=float) * (
             wall + prices.keep_alive_s
         )
     gb_s = memory * seconds if count else np.zeros(0)
+    init_gb_s = float(np.sum(memory * init)) if count else 0.0
     function_gb_s = {f.id: float(v) for f, v in zip(plan.functions, gb_s)}
     gpu_gb_s = float(gb_s[on_gpu].sum()) if count else 0.0
     cpu_gb_s = float(gb_s.sum()) - gpu_gb_s if count else 0.0
@@ -401,6 +432,7 @@ def estimate(
         main_cold_s=main_cold,
         main_gb_s=main_gb_s,
         function_gb_s=function_gb_s,
+        function_init_gb_s=init_gb_s,
         cpu_gb_s=cpu_gb_s,
         gpu_gb_s=gpu_gb_s,
         invocations=calls,

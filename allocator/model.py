@@ -145,6 +145,8 @@ class Prices:
                          stop, keep-alive included, Knative); DESIGN.md "Billing"
     bill_init:           invocation billing also bills cold-start INIT (AWS since Aug 2025)
     keep_alive_s:        idle time an instance stays up after its last call (instance billing)
+    round_s:             invocation billing rounds each call's execution time up to this (AWS:
+                         1 ms; ``[billing] round_ms``); 0 = no rounding
     """
 
     cpu_gb_s: float = AWS_PRICE_PER_GB_S
@@ -154,13 +156,14 @@ class Prices:
     billing: str = "invocation"
     bill_init: bool = True
     keep_alive_s: float = 60.0
+    round_s: float = 0.001
 
     def __post_init__(self) -> None:
         _positive(
             "Prices", cpu_gb_s=self.cpu_gb_s, gpu_gb_s=self.gpu_gb_s, gb_per_vcpu=self.gb_per_vcpu
         )
-        if self.per_request < 0 or self.keep_alive_s < 0:
-            raise ValueError("Prices: per_request and keep_alive_s must be >= 0")
+        if self.per_request < 0 or self.keep_alive_s < 0 or self.round_s < 0:
+            raise ValueError("Prices: per_request, keep_alive_s and round_s must be >= 0")
         if self.billing not in BILLING_MODES:
             raise ValueError(
                 f"Prices: billing must be one of {BILLING_MODES}, got {self.billing!r}"
@@ -270,6 +273,12 @@ class Cluster:
     @property
     def main(self) -> Node:
         return self.node(self.main_node)
+
+    def function_nodes(self) -> tuple[Node, ...]:
+        """Nodes that host function instances: every node but the main one (the main function's
+        host runs no node daemon), or the main node when it is the only one."""
+        others = tuple(n for n in self.nodes if n.name != self.main_node)
+        return others or (self.main,)
 
     def main_speed(self, memory_gb: float) -> float:
         """CPU share (as GB) the main function computes with when it holds ``memory_gb``."""

@@ -15,8 +15,13 @@ functions); the main function keeps only the non-expert parts. Then:
    ``mean + max item``, else to the least-loaded node with free memory (balanced packing).
 
 Functions run on GPU nodes, sized to their weights, when the GPU nodes can hold one instance
-of every expert (MoEless serves experts on GPUs); else on every node with ``cpu_memory_gb``
-each (default one vCPU's worth, so CPU instances are not starved) [D].
+of every expert (MoEless serves experts on GPUs); else on the nodes that host functions
+(``Cluster.function_nodes``: not the main function's host, which runs no node daemon) with
+``cpu_memory_gb`` each (default one vCPU's worth, so CPU instances are not starved), or the
+largest grid size that fits one instance of every expert there [D]. Placing them on the main
+node (as before) made a plan the mesh could not run: on the bundled model 48 x 1.025 GB on
+two 8 GB nodes, so 21 functions never started, 1,107 chunks fell back to the main function
+and the estimate billed 7.3x what the meter did.
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ from allocator.plan import FunctionSpec, MainSpec, Plan
 from allocator.profiles import Profiles
 from allocator.sizing import check_inputs, forecast_summary, function_required_gb, main_memory_gb
 from predictor.forecast import Forecast
+
+
+def _slots(free_gb: np.ndarray, size_gb: float) -> int:
+    """Instances of ``size_gb`` the nodes hold, whole instances per node."""
+    return int(np.floor(free_gb / size_gb + 1e-9).sum())
 
 
 def plan(
@@ -70,10 +80,16 @@ def plan(
     gpu_nodes = [n for n in cluster.nodes if n.kind == "gpu"]
     if gpu_nodes and free_on(gpu_nodes).sum() >= layers * experts * grid.round_up(need):
         nodes, size = gpu_nodes, grid.round_up(need)
-    else:  # no GPUs, or too little GPU memory for one instance per expert: every node, CPU-sized
-        nodes, size = list(cluster.nodes), cpu_size
+    else:  # no GPUs, or too little GPU memory: the function nodes, CPU-sized, smaller if need be
+        nodes = list(cluster.function_nodes())
+        fitting = [
+            gb
+            for gb in grid.points(cpu_size)[::-1]
+            if gb >= need - 1e-9 and _slots(free_on(nodes), gb) >= layers * experts
+        ]
+        size = float(fitting[0]) if fitting else cpu_size
     free = free_on(nodes)
-    budget = float(free.sum()) - layers * experts * size
+    budget = (_slots(free, size) - layers * experts) * size  # whole instances per node
     if budget < 0:
         raise ValueError(
             f"moeless: {layers * experts} functions of {size} GB exceed the nodes' {free.sum():.1f} GB"

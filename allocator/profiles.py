@@ -14,7 +14,9 @@ both its fixed and per-token parts scale with the CPU share. Memory above ``satu
 buys no speed (a worker uses at most its threads; PAPERS.md 5 ``work / min(vcpu, threads)``).
 
 Cold start (ServerlessLLM, PAPERS.md 4): ``intercept + bytes / bandwidth``, a linear fit of
-seconds against weight bytes. Scatter-gather per call: ``intercept + bytes / bandwidth`` with
+seconds against weight bytes, of which ``spawn_s`` is the zygote's fork (the median "spawn"
+stage of the measured cold starts): serial per node, and not billed as INIT
+(allocator.coldstart). Scatter-gather per call: ``intercept + bytes / bandwidth`` with
 bytes = activations sent plus received.
 
 Points are ``[n, 3]`` arrays of (memory_gb, tokens, seconds). ``Profiles.synthetic()`` holds
@@ -353,6 +355,19 @@ def _curve_to_dict(curve: Curve) -> dict:
     return {"family": curve.family, **curve.parameters(), "saturation_gb": saturation}
 
 
+SYNTHETIC_SPAWN_S = 0.015  # the zygote's fork, measured here alone (moemesh profile: 13-19 ms)
+
+
+def _spawn_s(data: Mapping) -> float:
+    """The median "spawn" stage of the cold starts `moemesh profile` recorded under
+    ``measurement`` (it fits the total only), else ``spawn_s`` as stored, else 0."""
+    cold = (data.get("measurement") or {}).get("cold_starts") or []
+    spawns = [c["stages"]["spawn"] for c in cold if "spawn" in (c.get("stages") or {})]
+    if spawns:
+        return float(np.median(spawns))
+    return float(data.get("spawn_s") or 0.0)
+
+
 @dataclass(frozen=True)
 class Profiles:
     """Measured (or synthetic) behaviour of one model on one host.
@@ -367,6 +382,7 @@ class Profiles:
     scatter_gather:  per call round trip: seconds vs bytes sent + received
     runtime_gb:      memory of a worker besides its weights and buffers
     reports:         the fits' quality, for the record
+    spawn_s:         the fork part of ``cold_start`` (one at a time per node; not INIT)
     """
 
     host: str
@@ -380,10 +396,17 @@ class Profiles:
     scatter_gather: LinearModel
     runtime_gb: float = 0.1
     reports: tuple[FitReport, ...] = ()
+    spawn_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.runtime_gb < 0:
             raise ValueError(f"Profiles: runtime_gb must be >= 0, got {self.runtime_gb}")
+        if self.spawn_s < 0:
+            raise ValueError(f"Profiles: spawn_s must be >= 0, got {self.spawn_s}")
+
+    def init_s(self, weight_bytes):
+        """INIT of a cold start alone (limits, weights, ready): the cold start less its fork."""
+        return np.maximum(self.cold_start(weight_bytes) - self.spawn_s, 0.0)
 
     def to_dict(self) -> dict:
         linear = ("gpu_expert", "dense", "cold_start", "main_cold_start", "scatter_gather")
@@ -397,6 +420,7 @@ class Profiles:
             },
             **{name: asdict(getattr(self, name)) for name in linear},
             "runtime_gb": self.runtime_gb,
+            "spawn_s": self.spawn_s,
             "reports": [asdict(r) for r in self.reports],
         }
 
@@ -419,6 +443,7 @@ class Profiles:
             **{name: LinearModel(**data[name]) for name in linear},
             runtime_gb=float(data["runtime_gb"]),
             reports=tuple(reports),
+            spawn_s=_spawn_s(data),
         )
 
     def to_json(self) -> str:
@@ -440,7 +465,7 @@ class Profiles:
         Expert curve: fitted from MEASURED_EXPERT_POINTS (the hyperbola wins), saturating at
         2 GB (2 cores). Assumed until measured: token_slope 0.05 (20 tokens ~ 2x one token),
         GPU expert 0.3 ms + 2 us/token, dense 1 ms + 20 us/token per layer, cold start
-        0.25 s + bytes at 1.5 GB/s (zygote fork + safetensors mmap), main cold start 1 s +
+        0.25 s + bytes at 1.5 GB/s (zygote fork, 15 ms of it, + safetensors mmap), main cold start 1 s +
         bytes at 2 GB/s, scatter-gather 0.3 ms per call (DESIGN.md: 0.6 ms to 8 workers) +
         bytes at 3 GB/s (ZeroMQ, DESIGN.md), 0.1 GB worker runtime.
         """
@@ -457,6 +482,7 @@ class Profiles:
             scatter_gather=LinearModel(0.3e-3, 1 / 3e9),
             runtime_gb=0.1,
             reports=fit.reports,
+            spawn_s=SYNTHETIC_SPAWN_S,
         )
 
 

@@ -2,12 +2,16 @@
 
     moemesh bench [--out bench-out] [--prompts 8] [--new-tokens 24]
     moemesh bench --http       instead: the HTTP front end against the SDK (mesh/bench_http.py)
+    moemesh bench --reliability  instead: the mesh under faults (mesh/bench_reliability.py; --help there)
 
-1. decode: TPOT of the mesh (all-remote: every expert a function) against the in-process engine
-   on the same prompts and batch (continuous batching in both).
-2. scatter-gather: the mean round time per MoE layer against a raw ZeroMQ round trip of the same
-   bytes, split into the same number of calls to the same number of echo processes.
-3. cold start: time to ready of a function forked from the zygote against a fresh process.
+    moemesh bench --policies   instead: every policy on the same prompts (tokens, GB-s, estimate)
+    moemesh bench --quick      instead: `moemesh compare --quick` (the papers' comparison, small; CI runs it)
+
+The default run is the data plane (mesh/bench_dataplane.py): decode TPOT against the in-process
+engine, each MoE layer's scatter-gather round against its floor (raw ZeroMQ round trip of the
+same bytes and calls + the slowest worker's own compute), cold start zygote against fresh, and
+throughput at concurrency 1, 8, 32; `--profile` adds a py-spy profile of the coordinator.
+`--preset NAME[:LAYERS]` runs any of them on a realistic-size checkpoint.
 
 Prints ratios against the baselines measured in the same run, writes `bench.json` and PNG
 plots to --out.
@@ -18,19 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing as mp
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import zmq
-
+from mesh.bench_dataplane import in_process_decode, mesh_config, report
+from mesh.bench_dataplane import run as run_dataplane
 from mesh.client import MeshClient
 from mesh.config import load_config
 from mesh.launcher import Mesh
 from mesh.main_job import job_prompts
-from mesh.sockets import harden
 
 
 def _progress(step: int, total: int, what: str) -> None:
@@ -42,174 +43,7 @@ EXTRA: dict[str, object] = {}  # --set overrides, applied to every mesh this run
 
 
 def _config(spawn: str, policy: str = "all-remote"):
-    return load_config(None, {
-        "coordinator.client_port": 0, "coordinator.control_port": 0, "coordinator.metrics_port": 0,
-        "policy.name": policy, "functions.spawn": spawn, "functions.keep_alive_s": 120.0, **EXTRA,
-    })
-
-
-async def _mesh_decode(address: str, prompts: list[str], new_tokens: int) -> dict:
-    async with MeshClient(address, timeout_s=120) as client:
-        async def one(p):
-            gen = client.generate(p, max_new_tokens=new_tokens, stop_at_eos=False)
-            tokens = [t.token_id async for t in gen]
-            return tokens, gen.done
-        warm = await one(prompts[0])  # cold starts happen here, not in the measurement
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(p) for p in prompts))
-        wall = time.perf_counter() - start
-        status = await client.status()
-    return {"wall_s": wall, "tokens": [r[0] for r in results], "tpot_s": [r[1].tpot_s for r in results],
-            "ttft_s": [r[1].ttft_s for r in results], "warmup_ttft_s": warm[1].ttft_s, "status": status}
-
-
-def _in_process_decode(prompts: list[str], new_tokens: int) -> dict:
-    import torch
-
-    from mesh.config import resolve_model_path
-    from nodes.model.checkpoint import Checkpoint
-    from nodes.model.engine import Engine, SamplingParams
-    from nodes.model.tokenizer import Tokenizer
-
-    torch.set_num_threads(1)  # as the coordinator runs (coordinator.threads)
-    path = resolve_model_path(str(EXTRA.get("model.path", "bundled")))
-    dtype = getattr(torch, str(EXTRA.get("model.dtype", "float32")))
-    model, tok = Checkpoint(path, dtype=dtype).load_model(), Tokenizer.from_dir(path)
-    ids = [tok.encode(p) for p in prompts]
-    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
-    Engine(model).complete(ids[:1], params)  # warm-up
-    engine = Engine(model)
-    first: dict[int, float] = {}
-    last: dict[int, float] = {}
-    start = time.perf_counter()
-    out: list[list[int]] = [[] for _ in ids]
-    for i, token in engine.generate(ids, params):
-        now = time.perf_counter()
-        first.setdefault(i, now)
-        last[i] = now
-        out[i].append(token)
-    wall = time.perf_counter() - start
-    tpot = [(last[i] - first[i]) / max(1, len(out[i]) - 1) for i in range(len(ids))]
-    return {"wall_s": wall, "tokens": out, "tpot_s": tpot}
-
-
-def raw_round_trip(peers: int, calls: int, nbytes: int, rounds: int = 300) -> float:
-    """Mean seconds for `calls` messages totalling `nbytes`, spread over `peers` echo processes."""
-    from mesh.echo import echo
-
-    q = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=echo, args=(q,), daemon=True) for _ in range(peers)]
-    for p in procs:
-        p.start()
-    endpoints = [q.get(timeout=120) for _ in procs]
-    ctx = zmq.Context()
-    socks = []
-    for ep in endpoints:
-        s = ctx.socket(zmq.DEALER)
-        harden(s, "data", connect=ep)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(ep)
-        socks.append(s)
-    poller = zmq.Poller()
-    for s in socks:
-        poller.register(s, zmq.POLLIN)
-    payload = b"\0" * max(1, nbytes // max(1, calls))
-    times = []
-    for r in range(rounds + 20):
-        start = time.perf_counter()
-        for c in range(calls):
-            socks[c % peers].send_multipart([b"\x40", b"h" * 40, payload], copy=False)
-        got = 0
-        while got < calls:
-            for s, _ in poller.poll(5000):
-                while True:
-                    try:
-                        s.recv_multipart(zmq.NOBLOCK)
-                        got += 1
-                    except zmq.Again:
-                        break
-        if r >= 20:
-            times.append(time.perf_counter() - start)
-    for s in socks:
-        s.send_multipart([b"stop"])
-        s.close(linger=100)
-    for p in procs:
-        p.join(5)
-    ctx.term()
-    return statistics.mean(times)
-
-
-def _cold_start(spawn: str, repeats: int = 3) -> dict:
-    """One function (static split, one expert), cold-started `repeats` times: each time the
-    request finds it scaled to zero after its 1 s keep-alive."""
-    config = load_config(None, {
-        "coordinator.client_port": 0, "coordinator.control_port": 0, "coordinator.metrics_port": 0,
-        "policy.name": "static-split", "policy.remote": [[0, 0]], "functions.spawn": spawn,
-        **EXTRA, "functions.keep_alive_s": 1.0,
-    })
-    with Mesh(config, quiet=True) as mesh:
-        endpoints = mesh.start(180)
-
-        async def run():
-            async with MeshClient(endpoints["client"], timeout_s=180) as client:
-                for _ in range(repeats):
-                    await client.generate("def f(x):", max_new_tokens=2).text()
-                    while True:  # wait for the scale-to-zero the meter reports
-                        status = await client.status()
-                        if all(i["state"] in ("stopped", "failed") for i in status["instances"]):
-                            break
-                        await asyncio.sleep(0.2)
-                return status
-
-        status = asyncio.run(run())
-    cold = status["cold_starts"]
-    totals = [c["total_s"] for c in cold]
-    # medians: the very first zygote start also waits for the zygote's own warm-up (torch import)
-    stages = {k: statistics.median(c["stages"][k] for c in cold) for k in cold[0]["stages"]}
-    return {"instances": len(totals), "mean_s": statistics.mean(totals), "median_s": statistics.median(totals),
-            "stages_median_s": stages}
-
-
-def _plots(result: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    layers = sorted(result["scatter_gather"]["per_layer"], key=int)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    xs = range(len(layers))
-    ax.bar([x - 0.2 for x in xs], [result["scatter_gather"]["per_layer"][k]["mesh_round_ms"] for k in layers], 0.4,
-           label="mesh scatter-gather round")
-    ax.bar([x + 0.2 for x in xs], [result["scatter_gather"]["per_layer"][k]["raw_zmq_ms"] for k in layers], 0.4,
-           label="raw ZeroMQ, same bytes and calls")
-    ax.set_xticks(list(xs), [f"L{k}" for k in layers])
-    ax.set_ylabel("ms per round")
-    ax.set_title("scatter-gather per MoE layer")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "scatter_gather.png", dpi=110)
-    files.append("scatter_gather.png")
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    d = result["decode"]
-    a1.bar(["in-process", "mesh"], [d["in_process_tpot_ms"], d["mesh_tpot_ms"]], color=["#888", "#37a"])
-    a1.set_ylabel("TPOT, ms (median)")
-    a1.set_title("decode")
-    c = result["cold_start"]
-    stages = list(c["zygote"]["stages_median_s"])
-    bottom = [0.0, 0.0]
-    for st in stages:
-        vals = [c["zygote"]["stages_median_s"][st], c["fresh"]["stages_median_s"][st]]
-        a2.bar(["zygote", "fresh"], vals, bottom=bottom, label=st)
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    a2.set_ylabel("seconds to ready (median)")
-    a2.set_title("cold start")
-    a2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "decode_cold_start.png", dpi=110)
-    files.append("decode_cold_start.png")
-    return files
+    return mesh_config(EXTRA, spawn, policy)
 
 
 POLICIES = ("all-local", "mix", "all-remote", "static-split", "remoe", "moeless", "bayesian", "moemesh")
@@ -222,6 +56,7 @@ def policy_replay(prompts: list[str], new_tokens: int, reference: list[list[int]
     beside the meter's. Prompts run one after another so plans adapt from request to request.
     static-split serves the upper half of every layer's experts remotely."""
     from mesh.config import resolve_model_path
+    from mesh.estimate_vs_meter import components
     from nodes.model.config import MoEConfig
 
     model = MoEConfig.from_file(resolve_model_path(str(EXTRA.get("model.path", "bundled"))))
@@ -267,6 +102,7 @@ def policy_replay(prompts: list[str], new_tokens: int, reference: list[list[int]
             "estimate_vs_meter_tpot": (est_tpot / statistics.median(r[1].tpot_s for r in results)
                                        if est_tpot else None),
             "data_plane": status.get("data_plane"), "main": status.get("main"),
+            "components": components([r[1].record for r in results], status),  # est vs meter per term
         }
     _progress(len(policies), len(policies), "done")
     base = rows["all-local"]["cost"] if "all-local" in rows else None
@@ -276,6 +112,15 @@ def policy_replay(prompts: list[str], new_tokens: int, reference: list[list[int]
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--reliability" in argv:  # a bench of its own, with its own options, --quick included (mesh/bench_reliability.py)
+        from mesh.bench_reliability import main as reliability_main
+
+        return reliability_main([a for a in argv if a != "--reliability"])
+    if "--quick" in argv:  # the papers' comparison, small: bundled model, 3 policies, 20 Poisson requests
+        from mesh.compare import main as compare_main
+
+        return compare_main(argv)
     ap = argparse.ArgumentParser(prog="moemesh bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -291,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                          "use, cached in checkpoints/), in bfloat16, e.g. qwen1.5-moe-a2.7b:4")
     ap.add_argument("--http", action="store_true",
                     help="instead: TTFT and TPOT through the HTTP front end against the SDK, same prompts (http.json)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also sample the coordinator with py-spy during the decode measurement "
+                         "(profile-coordinator.txt / .md in --out; needs `pip install py-spy`)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a launch.toml key in every mesh of the run, e.g. functions.cgroups=off")
     args = ap.parse_args(argv)
@@ -305,14 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     EXTRA.update(parse_overrides(args.set))
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = job_prompts(args.prompts)
-    total = 5
     if args.http:
         from mesh.bench_http import http_vs_sdk
 
         result = http_vs_sdk(_config("zygote"), prompts, args.new_tokens, args.out)
         return 0 if result["text_identical"] else 1
     if args.policies:
-        local = _in_process_decode(prompts, args.new_tokens)
+        local = in_process_decode(prompts, args.new_tokens, EXTRA)
         chosen = tuple(p for p in args.only.split(",") if p)
         rows = policy_replay(prompts, args.new_tokens, local["tokens"], args.out, args.traces, chosen)
         (args.out / "policies.json").write_text(json.dumps(rows, indent=1))
@@ -332,50 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out / 'policies.json'}")
         return 0 if all(r["tokens_identical"] for r in rows.values()) else 1
 
-    _progress(0, total, "in-process engine")
-    local = _in_process_decode(prompts, args.new_tokens)
-    _progress(1, total, "mesh (all-remote, zygote): decode")
-    with Mesh(_config("zygote"), quiet=True) as mesh:
-        endpoints = mesh.start(180)
-        remote = asyncio.run(_mesh_decode(endpoints["client"], prompts, args.new_tokens))
-    rounds = remote["status"]["rounds"]
-    _progress(2, total, "raw ZeroMQ round trips")
-    per_layer = {}
-    for layer, r in rounds.items():
-        calls = max(1, round(r["calls_per_round"]))
-        raw = raw_round_trip(peers=min(calls, 8), calls=calls, nbytes=int(r["bytes_per_round"]))
-        per_layer[layer] = {"mesh_round_ms": r["mean_round_s"] * 1e3, "raw_zmq_ms": raw * 1e3,
-                            "calls_per_round": r["calls_per_round"], "bytes_per_round": r["bytes_per_round"],
-                            "ratio": r["mean_round_s"] / raw}
-    _progress(3, total, "cold starts: zygote")
-    zygote = _cold_start("zygote")
-    _progress(4, total, "cold starts: fresh process")
-    fresh = _cold_start("fresh")
-    _progress(5, total, "done")
-
-    mesh_tpot = statistics.median(remote["tpot_s"])
-    local_tpot = statistics.median(local["tpot_s"])
-    result = {
-        "machine": {"cpus": mp.cpu_count()}, "prompts": len(prompts), "new_tokens": args.new_tokens,
-        "tokens_identical": remote["tokens"] == local["tokens"],
-        "decode": {"mesh_tpot_ms": mesh_tpot * 1e3, "in_process_tpot_ms": local_tpot * 1e3,
-                   "ratio": mesh_tpot / local_tpot, "mesh_wall_s": remote["wall_s"], "in_process_wall_s": local["wall_s"]},
-        "scatter_gather": {"per_layer": per_layer,
-                           "mean_ratio": statistics.mean(v["ratio"] for v in per_layer.values()) if per_layer else None},
-        "cold_start": {"zygote": zygote, "fresh": fresh, "ratio_fresh_over_zygote": fresh["median_s"] / zygote["median_s"]},
-    }
-    result["plots"] = _plots(result, args.out)
+    result = run_dataplane(prompts, args.new_tokens, args.out, EXTRA, _progress, profile=args.profile)
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))
-    print(f"tokens identical (mesh vs in-process): {result['tokens_identical']}")
-    print(f"decode TPOT: mesh {mesh_tpot * 1e3:.1f} ms vs in-process {local_tpot * 1e3:.1f} ms  "
-          f"-> {result['decode']['ratio']:.2f}x")
-    for layer, v in per_layer.items():
-        print(f"scatter-gather L{layer}: {v['mesh_round_ms']:.2f} ms vs raw ZeroMQ {v['raw_zmq_ms']:.2f} ms "
-              f"({v['calls_per_round']:.1f} calls, {v['bytes_per_round'] / 1024:.1f} KiB) -> {v['ratio']:.2f}x")
-    print(f"cold start (median): zygote {zygote['median_s'] * 1e3:.0f} ms vs fresh process {fresh['median_s'] * 1e3:.0f} ms "
-          f"-> fresh is {result['cold_start']['ratio_fresh_over_zygote']:.1f}x slower")
+    print(report(result))
     print(f"wrote {args.out / 'bench.json'} and {', '.join(result['plots'])}")
-    return 0
+    return 0 if result["tokens_identical"] else 1
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ def summarise(policy: str, outcomes: list[Outcome], status: dict, samples: list[
     return row
 
 
-def run_config(policy: str, billing: str, keep_alive_s: float | None, extra: dict, traces: str | None):
+def run_config(policy: str, billing: str, keep_alive_s: float | str | None, extra: dict, traces: str | None):
     """The MeshConfig of one run: free ports, the policy, billing mode and keep-alive, node
     capacity large enough for one-function-per-expert layouts (memory is accounted, not
     reserved), the predictor oracle / eplb need; then ``extra`` (--set) over everything."""
@@ -257,7 +257,9 @@ def run_config(policy: str, billing: str, keep_alive_s: float | None, extra: dic
         "policy.name": policy, "billing.mode": billing,
         "nodes[0].capacity_gb": 256.0, "nodes[1].capacity_gb": 256.0,
     }
-    if keep_alive_s is not None:
+    if keep_alive_s == "histogram":  # adaptive: learned from each function's idle times
+        overrides["functions.keep_alive_policy"] = "histogram"
+    elif keep_alive_s is not None:
         overrides["functions.keep_alive_s"] = keep_alive_s
     if policy == "oracle":
         overrides.update({"predictor.name": "oracle", "predictor.traces": traces})
@@ -286,7 +288,8 @@ def run_one(config, workload: wl.Workload, *, label: str, reference=None, timeou
     if before is not None:
         row["cost_over_time"] = [{**p, "gb_s": p["gb_s"] - before["gb_s"], "cost": p["cost"] - before["cost"]}
                                  for p in row["cost_over_time"]]
-    row.update({"keep_alive_s": config.functions.keep_alive_s, "mesh_startup_s": startup, "warmup": warmup,
+    row.update({"keep_alive_s": config.functions.keep_alive_s, "keep_alive_policy": config.functions.keep_alive_policy,
+                "mesh_startup_s": startup, "warmup": warmup,
                 "plan": status.get("policy", {}).get("plan"), "config": config.to_dict(),
                 "plan_record": {k: (status.get("policy") or {}).get(k) for k in ("name", "reason", "estimate")}
                 | {"forecast_source": ((status.get("policy") or {}).get("forecast") or {}).get("source")}})
@@ -296,18 +299,22 @@ def run_one(config, workload: wl.Workload, *, label: str, reference=None, timeou
 # ----------------------------------------------------------------------------- in-process helpers
 
 
-def reference_tokens(workload: wl.Workload, model_path: str = "bundled") -> list[list[int]]:
-    """Greedy tokens of every request from the in-process engine (batched, as the mesh batches)."""
+def reference_tokens(workload: wl.Workload, model_path: str = "bundled", dtype: str = "float32",
+                     routing_zipf: float | None = None) -> list[list[int]]:
+    """Greedy tokens of every request from the in-process engine (batched, as the mesh batches),
+    with the runs' [model] path, dtype and routing skew."""
     import torch
 
     from mesh.config import resolve_model_path
     from nodes.model.checkpoint import Checkpoint
     from nodes.model.engine import Engine, SamplingParams
+    from nodes.model.skew import apply_zipf
     from nodes.model.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
     path = resolve_model_path(model_path)
-    model, tok = Checkpoint(path).load_model(), Tokenizer.from_dir(path)
+    model, tok = Checkpoint(path, dtype=getattr(torch, dtype)).load_model(), Tokenizer.from_dir(path)
+    apply_zipf(model, routing_zipf)
     engine = Engine(model)
     out: dict[int, list[int]] = {}
     for r in workload.requests:
@@ -320,16 +327,22 @@ def reference_tokens(workload: wl.Workload, model_path: str = "bundled") -> list
     return [out[i] for i in order]
 
 
-def trace_workload(workload: wl.Workload, store_dir: Path, model_path: str = "bundled") -> str:
-    """The workload's true activations (in process), as a trace store the oracle predictor learns."""
+def trace_workload(workload: wl.Workload, store_dir: Path, model_path: str = "bundled", dtype: str = "float32",
+                   routing_zipf: float | None = None) -> str:
+    """The workload's true activations (in process, with the runs' [model] path, dtype and routing
+    skew), as a trace store the oracle predictor learns."""
+    import torch
+
     from mesh.config import resolve_model_path
     from mesh.trace import make_record, trace_meta, trace_one
     from nodes.model.checkpoint import Checkpoint
+    from nodes.model.skew import apply_zipf
     from nodes.model.tokenizer import Tokenizer
     from predictor.traces import TraceStore
 
     path = resolve_model_path(model_path)
-    model, tok = Checkpoint(path).load_model(), Tokenizer.from_dir(path)
+    model, tok = Checkpoint(path, dtype=getattr(torch, dtype)).load_model(), Tokenizer.from_dir(path)
+    apply_zipf(model, routing_zipf)
     store = TraceStore.create(store_dir, trace_meta(model, path.name))
     for i, r in enumerate(workload.requests):
         ids = tok.encode(r.prompt)
@@ -363,7 +376,7 @@ def markdown(result: dict) -> str:
         ratio = r["cost"] / base if base else None
         t, p, c = r["ttft_s"], r["tpot_s"], r["cold_starts"]
         lines.append(
-            f"| {r['policy']} | {r['billing_mode']} | {r['keep_alive_s']:g} | {r['cost']:.3g} | {_fmt(ratio, '.2f')} "
+            f"| {r['policy']} | {r['billing_mode']} | {_keep_label(r)} | {r['cost']:.3g} | {_fmt(ratio, '.2f')} "
             f"| {r['gb_s']:.3g} | {_fmt(r.get('serverful_cost'), '.3g')} "
             f"| {_fmt(t['p50'])} / {_fmt(t['p95'])} / {_fmt(t['p99'])} "
             f"| {_fmt(p['p50'])} / {_fmt(p['p95'])} / {_fmt(p['p99'])} | {_fmt(r['slo_attainment'], '.0%')} "
@@ -390,7 +403,7 @@ def plots(result: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    label = [f"{r['policy']} ({r['billing_mode'][:4]}, ka {r['keep_alive_s']:g})" for r in rows]
+    label = [f"{r['policy']} ({r['billing_mode'][:4]}, ka {_keep_label(r)})" for r in rows]
     files = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     costs = []
@@ -459,14 +472,24 @@ def quick_workload(out: Path, requests: int = 20, rate_per_s: float = 2.0, seed:
                                 max_new_tokens=12, prompt_tokens=None), out / "workload.jsonl")
 
 
-def _keep_alives(text: str) -> list[float | None]:
-    """"config" | "none" | "fixed:30" | "30", comma-separated -> seconds (None = the config's)."""
-    out: list[float | None] = []
+def _keep_label(row: dict) -> str:
+    """A run's keep-alive as the tables show it: seconds, or "hist" (adaptive, fallback seconds)."""
+    if row.get("keep_alive_policy") == "histogram":
+        return f"hist ({row['keep_alive_s']:g})"
+    return f"{row['keep_alive_s']:g}"
+
+
+def _keep_alives(text: str) -> list[float | str | None]:
+    """"config" | "none" | "fixed:30" | "30" | "histogram", comma-separated -> seconds (None = the
+    config's; "histogram": the adaptive keep-alive learned from idle times)."""
+    out: list[float | str | None] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         if part == "config":
             out.append(None)
         elif part == "none":
             out.append(0.0)
+        elif part in ("histogram", "adaptive"):
+            out.append("histogram")
         else:
             out.append(float(part.removeprefix("fixed:")))
     return out
@@ -481,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--billing", choices=("instance", "invocation", "both"), default="invocation",
                     help="the meter's billing mode; both = each policy run twice")
     ap.add_argument("--keep-alive", default="config",
-                    help='keep-alive choices, comma-separated: "config", "none", "fixed:30" (each its own run)')
+                    help='keep-alive choices, comma-separated: "config", "none", "fixed:30", "histogram" '
+                         '(adaptive, learned from idle times; fixed keep-alive until it has enough) (each its own run)')
     ap.add_argument("--quick", action="store_true", help="bundled model, 3 policies, 20 Poisson requests")
     ap.add_argument("--no-reference", action="store_true", help="skip the in-process tokens to compare with")
     ap.add_argument("--timeout-s", type=float, default=120.0, help="per-token client timeout")
@@ -516,13 +540,15 @@ def main(argv: list[str] | None = None) -> int:
     modes = ["instance", "invocation"] if args.billing == "both" else [args.billing]
     keep_alives = _keep_alives(args.keep_alive)
     reference = None
+    m = run_config("all-local", modes[0], None, extra, None).model  # every run's [model]
     if not args.no_reference:
         _progress("in-process reference tokens")
-        reference = reference_tokens(workload)
+        reference = reference_tokens(workload, m.path, m.dtype, m.routing_zipf)
     traces = None
     if "oracle" in policies:
         _progress("tracing the workload's true activations for the oracle")
-        traces = trace_workload(workload, Path(tempfile.mkdtemp(prefix="moemesh-oracle-")) / "traces")
+        traces = trace_workload(workload, Path(tempfile.mkdtemp(prefix="moemesh-oracle-")) / "traces",
+                                m.path, m.dtype, m.routing_zipf)
     runs = [(p, m, k) for p in policies for m in modes for k in keep_alives]
     rows = []
     for n, (policy, mode, keep_alive) in enumerate(runs, 1):

@@ -261,6 +261,9 @@ class CoordinatorConfig:
     heartbeat_s:        coordinator <-> node ping interval; liveness: silent intervals before a
                         node is declared dead (Paranoid Pirate)
     threads:            torch threads of the main model
+    event_loop:         the asyncio loop of the coordinator and the node daemons: "asyncio"
+                        (the standard library's) or "uvloop" (libuv); see the README for
+                        what each measured
     """
 
     host: str = setting("127.0.0.1", NOT_EMPTY)
@@ -275,6 +278,7 @@ class CoordinatorConfig:
     heartbeat_s: float = setting(1.0, above(0))
     liveness: int = setting(5, at_least(1))
     threads: int = setting(1, at_least(1))
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -298,10 +302,14 @@ class CoordinatorConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """[model]: the checkpoint. path: an HF-layout directory, or "bundled" for the tiny model
-    shipped in nodes/bundled/. dtype: dtype of the main model and expert weights."""
+    shipped in nodes/bundled/. dtype: dtype of the main model and expert weights.
+    routing_zipf: absent = the model's own router; a skew s >= 0 = Zipf(s)-skewed routing
+    (MoEless's evaluation, nodes/model/skew.py): which experts run follows the skew, the
+    router's scores still weight them; the in-process reference must apply the same skew."""
 
     path: str = setting(BUNDLED_MODEL, NOT_EMPTY)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    routing_zipf: float | None = setting(None, at_least(0))
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -351,6 +359,12 @@ class FunctionsConfig:
     """[functions]: how expert function instances are sized, limited and started.
 
     keep_alive_s:         idle seconds before an instance scales to zero
+    keep_alive_policy:    "fixed" (keep_alive_s), "none" (scale to zero after every call), or
+                          "histogram": each new instance's keep-alive is the 99th percentile
+                          (+10 %) of its function's idle times seen so far (Shahrad et al.'s
+                          hybrid histogram, allocator/keepalive.py), keep_alive_s until the
+                          histogram is representative; its pre-warm window is not used (an
+                          instance stays loaded from its last call)
     gb_per_vcpu:          memory per vCPU of CPU share (1 GB ~ 1 vCPU, as Remoe assumes)
     cfs_period_us:        CFS period of the CPU limit (10 ms slows short calls smoothly where
                           the kernel's 100 ms default stalls them)
@@ -362,9 +376,15 @@ class FunctionsConfig:
     max_memory_gb:        largest instance (AWS Lambda: 10 GB)
     cold_start_wait_s:    how long a call waits for a function still cold-starting before the
                           main function computes those experts itself
+    cold_start:           what a round does with rows of a function still cold-starting:
+                          "wait" for it (up to cold_start_wait_s, gathering the other calls'
+                          replies meanwhile), or "load" its experts into the main function on
+                          demand (a billed cold start on the critical path, dropped once the
+                          function is warm): the batch waits for a weight load, not a process
     """
 
     keep_alive_s: float = setting(30.0, at_least(0))
+    keep_alive_policy: Literal["fixed", "none", "histogram"] = "fixed"
     gb_per_vcpu: float = setting(1.0, above(0))
     cfs_period_us: int = setting(10_000, between(1_000, 1_000_000))
     spawn: Literal["zygote", "fresh"] = "zygote"
@@ -375,6 +395,7 @@ class FunctionsConfig:
     threads_per_function: int = setting(1, at_least(1))
     max_memory_gb: float = setting(10.0, above(0))
     cold_start_wait_s: float = setting(30.0, at_least(0))
+    cold_start: Literal["wait", "load"] = "wait"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -478,6 +499,9 @@ class PolicyConfig:
     remote:             static-split: the [layer, expert] pairs served remotely
     micro_batch_tokens: tokens per scatter call within a layer (0 = no split below the cap)
     payload_cap_bytes:  largest activation payload per call (AWS Lambda's 6 MiB sync cap)
+    shm_min_bytes:      a call's rows of at least this many bytes go to a worker on this host
+                        through shared memory, only a descriptor over ZeroMQ (mesh/shm.py; the
+                        default is the crossover `python -m mesh.bench_shm` measured); 0 = never
     call_timeout_s:     a remote call unanswered after this is retried or recomputed locally
     retries:            retries of a failed or late call before recomputing it locally
     replan_every:       re-plan after this many requests (0 = plan once at start-up)
@@ -495,6 +519,7 @@ class PolicyConfig:
     remote: tuple[tuple[int, int], ...] = setting((), at_least(0))
     micro_batch_tokens: int = setting(0, at_least(0))
     payload_cap_bytes: int = setting(6 * 1024 * 1024, above(0))
+    shm_min_bytes: int = setting(64 * 1024, at_least(0))
     call_timeout_s: float = setting(5.0, above(0))
     retries: int = setting(1, at_least(0))
     replan_every: int = setting(8, at_least(0))
@@ -833,3 +858,15 @@ def _apply_override(raw: dict[str, Any], key: str, value: object) -> None:
 def resolve_model_path(path: str) -> Path:
     """A `[model] path` value ("bundled", a folder) as the folder it names."""
     return ModelConfig(path=path or "bundled").resolved_path()
+
+
+def run_event_loop(coro, kind: str = "asyncio"):
+    """asyncio.run(coro) on the loop [coordinator] event_loop names ("asyncio" or "uvloop")."""
+    import asyncio
+
+    if kind == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    return asyncio.run(coro)

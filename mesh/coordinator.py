@@ -38,9 +38,11 @@ import torch
 import zmq
 import zmq.asyncio
 
+from allocator import keepalive as keep_alive
 from allocator.plan import FunctionSpec
 from mesh import planning
-from mesh.config import MeshConfig, resolve_model_path
+from mesh.config import MeshConfig, resolve_model_path, run_event_loop
+from mesh.control import bind_control, register_ack, spawn_request
 from mesh.device import move_model, resolve_device
 from mesh.engine_loop import Admit, Cancel, EngineLoop, Failed, Finished, Token
 from mesh.errors import MeshError, ProtocolError, RequestRejected, Timeout
@@ -59,11 +61,9 @@ from mesh.protocol import (
     NodeRegister,
     Ping,
     Pong,
-    RegisterAck,
     RequestDone,
     Shutdown,
     SpawnFailed,
-    SpawnFunction,
     StatusReply,
     StatusRequest,
     StopFunction,
@@ -76,6 +76,7 @@ from mesh.sockets import harden
 from mesh.trace import make_record, predictor_shape, prompt_features, trace_meta
 from nodes.model.checkpoint import Checkpoint
 from nodes.model.engine import Engine, SamplingParams
+from nodes.model.skew import apply_zipf
 from nodes.model.tokenizer import Tokenizer
 from predictor.evaluate import default_predictors
 from predictor.forecast import Activation
@@ -129,10 +130,12 @@ class Coordinator:
         # Memory held = memory billed: the main function holds the non-expert weights and only the
         # experts its plan keeps local (loaded below, once the plan is made).
         self.model = self.checkpoint.load_model(experts=())
+        apply_zipf(self.model, config.model.routing_zipf)  # [model] routing_zipf: MoEless's skewed loads
         self.device = resolve_device(config.coordinator.device)  # ConfigError if cuda is asked for but absent
         self.model = move_model(self.model, self.device)
         # profiles read once; the main function's dense work timed on the model itself
         self.profiles = planning.running_profiles(planning.profiles_of(config, model_config), self.model)
+        self.measured_profiles = self.profiles  # as measured; self.profiles adds the data plane's own rounds
         self.workload = planning.DEFAULT_WORKLOAD  # what the plan in force was sized for
         self.cluster = planning.cluster_of(config)
         self.plan = planning.make_plan(config, model_config, profiles=self.profiles)
@@ -149,7 +152,9 @@ class Coordinator:
         settings = ScatterSettings(
             call_timeout_s=config.policy.call_timeout_s, retries=config.policy.retries,
             micro_batch_tokens=config.policy.micro_batch_tokens, payload_cap_bytes=config.policy.payload_cap_bytes,
-            cold_start_wait_s=config.functions.cold_start_wait_s, security=config,
+            shm_min_bytes=config.policy.shm_min_bytes,
+            cold_start_wait_s=config.functions.cold_start_wait_s, cold_start=config.functions.cold_start,
+            security=config,
         )
         self.executor = MeshExecutor(self.registry, self.meter, settings, zmq.Context(), main=self.main)
         self.executor.num_moe_layers = self.model.config.num_moe_layers
@@ -165,6 +170,7 @@ class Coordinator:
         self.deadlines: dict[str, float] = {}  # request id -> when it fails with Timeout
         self.timed_out: set[str] = set()
         self.spawn_failures: dict[tuple[str, int], tuple[int, float]] = {}  # (fn, replica) -> (count, last)
+        self.unplaced: set[tuple[str, int]] = set()  # (fn, replica) no live node can host: warned once, not every tick
 
     # -- predictor, plans, traces ----------------------------------------------------------------
 
@@ -213,6 +219,8 @@ class Coordinator:
                         self.config.predictor.name, exc)
             return
         warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
+        # the per-call time of the mesh's own scatter-gather rounds, once seen (planning.calibrated_profiles)
+        self.profiles = planning.calibrated_profiles(self.measured_profiles, self.executor.round_summary())
         if self._replan_due():
             self._replan(forecast, workload, warm)
         self.meter.request_estimate(request_id, self._estimate(forecast, workload, warm))
@@ -305,7 +313,7 @@ class Coordinator:
     async def serve(self, ready_file: Path | None = None) -> None:
         c = self.config.coordinator
         self.frontend, client_ep = self._bind(zmq.ROUTER, c.client_port, "client")
-        self.control, control_ep = self._bind(zmq.ROUTER, c.control_port, "control")
+        self.control, control_ep = bind_control(self.context, self.config, c.host, c.control_port)
         self.metrics, metrics_ep = self._bind(zmq.PUB, c.metrics_port, "metrics")
         self.endpoints = {"client": client_ep, "control": control_ep, "metrics": metrics_ep}
         self.exporter = MetricsService(self)  # Prometheus /metrics, /v1/experts/distribution (issue 13)
@@ -467,9 +475,6 @@ class Coordinator:
         await self.control.send_multipart([name.encode(), *encode(msg)], copy=False)
 
     async def _control(self) -> None:
-        # A daemon that reconnects (same identity, new connection) takes over its old pipe
-        # instead of being ignored until the old one is noticed gone.
-        self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)
         watcher = asyncio.get_running_loop().create_task(self._watch_drops())
         watcher.add_done_callback(lambda t: t.cancelled() or t.exception() is None or
                                   log.error("the control socket's monitor failed", exc_info=t.exception()))
@@ -492,8 +497,7 @@ class Coordinator:
             if node is not None and node.pid != msg.pid:  # a new daemon: the old one's instances died with it
                 self._lose_instances(name, now, f"node {name} restarted (daemon pid {node.pid} -> {msg.pid})")
             self.nodes[name] = Node(name, msg.kind, msg.host, msg.capacity_gb, msg.cpus, now, pid=msg.pid)
-            await self._to_node(name, RegisterAck(node_id=name, heartbeat_interval_s=self.config.coordinator.heartbeat_s,
-                                                  liveness=self.config.coordinator.liveness))
+            await self._to_node(name, register_ack(name, self.config))
             log.info("node %s registered (%s, %.1f GB)", name, msg.kind, msg.capacity_gb)
         elif node is None:
             log.warning("message %s from unregistered node %r: dropped", type(msg).__name__, name)
@@ -624,10 +628,16 @@ class Coordinator:
             if failures and now - last < min(30.0, 0.5 * 2 ** (failures - 1)):
                 continue  # capped exponential backoff after failed spawns: no spawn storms
             node = self._place(spec, replica)
+            unplaced = self.unplaced
             if node is None:
-                log.warning("no live node can host %s (%.2f GB): it runs locally until one registers "
-                            "([[nodes]] capacity_gb in launch.toml)", spec.id, spec.memory_gb)
+                if (spec.id, replica) not in unplaced:
+                    unplaced.add((spec.id, replica))
+                    log.warning("no live node can host %s (%.2f GB): it runs locally until one registers "
+                                "([[nodes]] capacity_gb in launch.toml)", spec.id, spec.memory_gb)
                 continue
+            if (spec.id, replica) in unplaced:
+                unplaced.discard((spec.id, replica))
+                log.info("%s placed on %s again", spec.id, node)
             self._spawn(spec, replica, node)
 
     def _place(self, spec: FunctionSpec, replica: int) -> str | None:
@@ -644,13 +654,13 @@ class Coordinator:
         f = self.config.functions
         inst = self.registry.new_instance(spec, replica, node)
         kind = self.nodes[node].kind if node in self.nodes else "cpu"
+        keep = keep_alive.decide(f.keep_alive_policy, self.meter.idle_times(spec.id), fixed_s=f.keep_alive_s)
+        if f.keep_alive_policy == "histogram":
+            log.info("%s keep-alive %.1f s (%s)", inst.instance_id, keep.keep_alive_s, keep.reason)
         self.meter.instance_requested(inst.instance_id, spec.id, node, spec.memory_gb, list(spec.experts),
-                                      replica, f.spawn, f.keep_alive_s, device="gpu" if kind == "gpu" else "cpu")
-        msg = SpawnFunction(instance_id=inst.instance_id, function_id=spec.id,
-                            experts=[tuple(e) for e in spec.experts], memory_gb=spec.memory_gb,
-                            cpu_share=spec.memory_gb / f.gb_per_vcpu, keep_alive_s=f.keep_alive_s,
-                            spawn=f.spawn, model_path=str(self.model_path), start_delay_s=f.start_delay_s,
-                            device="cuda" if kind == "gpu" else "cpu")  # a gpu node's functions on its GPU
+                                      replica, f.spawn, keep.keep_alive_s, device="gpu" if kind == "gpu" else "cpu")
+        msg = spawn_request(inst.instance_id, spec.id, spec.experts, spec.memory_gb, self.config, self.model_path,
+                            node_kind=kind, keep_alive_s=keep.keep_alive_s)  # a gpu node's functions on its GPU
         asyncio.get_running_loop().create_task(self._to_node(node, msg))
 
     async def stop_instance(self, instance_id: str, reason: str = "requested") -> None:
@@ -733,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, coordinator.stopping.set)
         await coordinator.serve(args.ready_file)
 
-    asyncio.run(run())
+    run_event_loop(run(), config.coordinator.event_loop)
     return 0
 
 

@@ -34,6 +34,7 @@ from mesh.functions import Instance, Registry, State
 from mesh.main_experts import MainExperts
 from mesh.meter import Meter, Reply, RoundRecord
 from mesh.protocol import ExpertCall, ExpertResult, WorkerError, decode, encode
+from mesh.shm import SHM_MIN_BYTES, ShmPools
 from mesh.sockets import harden
 from mesh.staging import Staging
 from nodes.model.moe import Dispatch, MoEBlock, counts_by_segment, run_experts
@@ -45,24 +46,55 @@ log = logging.getLogger("moemesh.executor")
 class ScatterSettings:
     call_timeout_s: float = 5.0  # a reply later than this is given up on (then retried / local)
     cold_start_wait_s: float = 30.0  # how long a call waits for a function that is still starting
+    cold_start: str = "wait"  # "wait" for a cold function, or "load" its experts into the main function
     retries: int = 1  # other replicas tried before computing locally
     micro_batch_tokens: int = 0  # rows per call (0: only the payload cap splits)
     payload_cap_bytes: int = 6 * 1024 * 1024  # AWS Lambda's synchronous payload cap
-    poll_slice_s: float = 0.02  # how often a waiting gather re-checks instance health
+    poll_slice_s: float = 0.02  # how often a waiting gather re-checks health where the registry has no wake fd
+    shm_min_bytes: int = SHM_MIN_BYTES  # rows of a call to a worker on this host from this size go through shm (0: never)
     security: object = None  # the MeshConfig whose [security] keys the data sockets use (None: plain)
 
 
 @dataclass
 class Chunk:
-    """One ExpertCall: some rows of some experts of one function."""
+    """One ExpertCall: some rows of some experts of one function.
+
+    pieces: the row ranges [start, stop) of the dispatch it carries, in call order (one per
+    expert, or part of one). Most chunks are a single contiguous range (a function's experts'
+    rows sit together in the sorted dispatch): then `span` is that slice and the rows go out
+    as a view of the dispatch and come back with one slice copy, no index tensors at all.
+    """
 
     function_id: str
     expert_ids: list[int]
     counts: list[int]
-    rows: torch.Tensor  # [n] int64 row indices into the dispatch
+    pieces: list[tuple[int, int]]
     attempt: int = 0
     instance: Instance | None = None
     sent_at: float = 0.0
+    call_id: int = 0
+    _index: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def span(self) -> slice | None:
+        """The chunk's rows as one slice, if they are contiguous."""
+        start, stop = self.pieces[0][0], self.pieces[0][1]
+        for a, b in self.pieces[1:]:
+            if a != stop:
+                return None
+            stop = b
+        return slice(start, stop)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """[n] int64 row indices into the dispatch."""
+        if self._index is None:
+            self._index = torch.cat([torch.arange(a, b) for a, b in self.pieces])
+        return self._index
 
 
 class MeshExecutor:
@@ -75,6 +107,8 @@ class MeshExecutor:
         self.context = context or zmq.Context.instance()
         self.sockets: dict[str, zmq.Socket] = {}
         self.staging = Staging()  # pinned host blocks for the rows of remote calls (plain ones on a CPU)
+        # big calls (prefill) to workers on this host: rows through shared memory (mesh/shm.py)
+        self.shm = ShmPools(enabled=settings.shm_min_bytes > 0, min_call_bytes=settings.shm_min_bytes or 1)
         self._call_ids = itertools.count(1)
         self.request_ids: list[str] = []  # requests in the current step (for the meter)
         # (request id, first row, end row, "prefill" | "decode") of the current step's flat batch
@@ -87,7 +121,9 @@ class MeshExecutor:
         self._record: RoundRecord | None = None  # the round in progress
         self._seen_generation = -1
         self._seen_warm: set[str] = set()  # functions that have had a warm instance
-        self.rounds: dict[int, list] = {}  # layer -> [rounds, seconds, calls, bytes sent] (remote rounds only)
+        # layer -> [rounds, seconds, calls, bytes sent, slowest compute, scatter seconds, summed compute]
+        # (remote rounds only)
+        self.rounds: dict[int, list] = {}
 
     # -- sockets -----------------------------------------------------------------------------
 
@@ -102,8 +138,11 @@ class MeshExecutor:
         return sock
 
     def between_steps(self) -> None:
-        """At a step boundary, once per registry change: close sockets of instances that are gone
-        and drop main-function experts that a warm function now serves."""
+        """At a step boundary: free the shared memory a step's calls used; once per registry
+        change, close sockets of instances that are gone and drop main-function experts that a
+        warm function now serves."""
+        if self.shm.pools:
+            self.shm.trim()
         generation = self.registry.generation
         if generation == self._seen_generation:
             return
@@ -121,11 +160,13 @@ class MeshExecutor:
         for instance_id in list(self.sockets):
             if self.registry.state_of(instance_id) not in (State.WARM,):
                 self.sockets.pop(instance_id).close(linger=0)
+                self.shm.drop(instance_id)
 
     def close(self) -> None:
         for sock in self.sockets.values():
             sock.close(linger=0)
         self.sockets.clear()
+        self.shm.close()
 
     # -- one round -------------------------------------------------------------------------------
 
@@ -150,7 +191,7 @@ class MeshExecutor:
         start = time.perf_counter()
         layer = plan.layer
         rec = self._record = RoundRecord(layer, self.num_moe_layers or layer + 1, routed.numpy(),
-                                         list(self.request_ids), dropped=dropped)
+                                         list(self.request_ids), dropped=dropped, at=self.meter.clock())
         local: list[int] = []
         remote: dict[str, list[int]] = {}
         for e in plan.active_experts():
@@ -160,52 +201,65 @@ class MeshExecutor:
         y = torch.zeros_like(plan.x)
         pending: dict[int, Chunk] = {}
         fallback: list[Chunk] = []
+        cold: dict[str, list[int]] = {}  # functions still cold-starting: sent from the gather once warm
         sent_rows = 0
         for function_id, experts in remote.items():
-            warm = self._replicas(function_id, layer, experts)
-            chunks = self._chunks(function_id, experts, plan, max(1, len(warm)))
-            for i, chunk in enumerate(chunks):
-                if not warm or not self._send(chunk, warm[i % len(warm)], plan, layer, pending):
-                    fallback.append(chunk)
-            sent_rows += sum(len(c.rows) for c in chunks)
+            warm, wait = self._replicas(function_id, layer, experts)
+            if wait:
+                cold[function_id] = experts
+                continue
+            sent_rows += self._scatter(function_id, experts, warm, plan, layer, pending, fallback)
 
         if local:  # overlap: local experts compute while remote calls are in flight
             self._hold(layer, local)
             run_experts(block.experts, plan, local, out=y)  # disjoint rows: written in place
 
-        self._gather(plan, layer, pending, y, fallback)
+        scattered = time.perf_counter()
+        sent_rows += self._gather(plan, layer, pending, y, fallback, cold)
         for chunk in fallback:  # in the main function: its own (billed) copy, else loaded on demand
             rec.fallbacks += 1
             self._hold(layer, chunk.expert_ids)
-            y[chunk.rows] = self._local(block, plan, chunk)
+            self._local(block, plan, chunk, y)
         rec.seconds = time.perf_counter() - start
         self.meter.post(rec)
         self._record = None
         if remote and not rec.waited_for:  # rounds that waited for a cold start would skew the mean
-            acc = self.rounds.setdefault(layer, [0, 0.0, 0, 0])
+            acc = self.rounds.setdefault(layer, [0, 0.0, 0, 0, 0.0, 0.0, 0.0])
             acc[0] += 1
             acc[1] += rec.seconds
             acc[2] += rec.calls
             acc[3] += sent_rows * plan.x.shape[1] * plan.x.element_size()
+            acc[4] += max((r.compute_s for r in rec.replies), default=0.0)
+            acc[5] += scattered - start
+            acc[6] += sum(r.compute_s for r in rec.replies)
         return y
 
-    def _replicas(self, function_id: str, layer: int, experts: list[int]) -> list[Instance]:
-        """The function's warm instances, healthiest first. A function still cold-starting is
-        waited for, unless the main function holds all these experts (then they run there)."""
+    def _replicas(self, function_id: str, layer: int, experts: list[int]) -> tuple[list[Instance], bool]:
+        """(the function's warm instances, healthiest first; whether to wait for its cold start).
+
+        A function still cold-starting is waited for (in the gather, beside the other calls'
+        replies) unless the main function holds all these experts, the function was warm
+        before (a replacement after a failure), or [functions] cold_start = "load": then its
+        rows run in the main function (loaded on demand, billed) and no batch waits for a process.
+        """
         warm, starting = self.registry.serving(function_id)
         if warm:
             self._seen_warm.add(function_id)
         if warm or not starting:
-            return warm
-        if self.main is not None and (function_id in self._seen_warm
+            return warm, False
+        if self.main is not None and (self.settings.cold_start == "load" or function_id in self._seen_warm
                                       or all(self.main.holds((layer, e)) for e in experts)):
-            return []  # a replacement after a failure, or experts the main holds: no batch waits
-        start = time.monotonic()
-        warm = self.registry.wait_warm(function_id, self.settings.cold_start_wait_s)
-        if warm:
-            log.info("waited %.3f s for a cold start of %s", time.monotonic() - start, function_id)
-            self._record.waited_for.append(warm[0].instance_id)
-        return warm
+            return [], False
+        return [], True
+
+    def _scatter(self, function_id: str, experts: list[int], warm: list[Instance], plan: Dispatch, layer: int,
+                 pending: dict[int, Chunk], fallback: list[Chunk]) -> int:
+        """Send a function's rows, split over its warm replicas; rows sent (or left to the main)."""
+        chunks = self._chunks(function_id, experts, plan, max(1, len(warm)))
+        for i, chunk in enumerate(chunks):
+            if not warm or not self._send(chunk, warm[i % len(warm)], plan, layer, pending):
+                fallback.append(chunk)
+        return sum(c.n for c in chunks)
 
     def _hold(self, layer: int, experts: list[int]) -> None:
         """Make sure the main function holds these experts; a load here is on the critical path."""
@@ -256,9 +310,13 @@ class MeshExecutor:
         return phases.get("prefill", empty), phases.get("decode", empty)
 
     def round_summary(self) -> dict[str, dict]:
-        """Per MoE layer: mean scatter-gather round time, calls and bytes per round."""
-        return {str(layer): {"rounds": n, "mean_round_s": t / n, "calls_per_round": c / n, "bytes_per_round": b / n}
-                for layer, (n, t, c, b) in sorted(dict(self.rounds).items()) if n}
+        """Per MoE layer: mean scatter-gather round time, calls and bytes per round, the slowest
+        worker's own compute per round (part of the floor), all workers' compute summed (what
+        one core would have to run in turn) and the time to scatter (send the calls and compute
+        the local experts) before the gather starts."""
+        return {str(layer): {"rounds": n, "mean_round_s": t / n, "calls_per_round": c / n, "bytes_per_round": b / n,
+                             "slowest_compute_s": slow / n, "scatter_s": sc / n, "summed_compute_s": total / n}
+                for layer, (n, t, c, b, slow, sc, total) in sorted(dict(self.rounds).items()) if n}
 
     def _chunks(self, function_id: str, experts: list[int], plan: Dispatch, replicas: int = 1) -> list[Chunk]:
         """Split a function's rows into calls: at most micro_batch_tokens rows and the payload cap
@@ -277,7 +335,7 @@ class MeshExecutor:
         chunks: list[Chunk] = []
         ids: list[int] = []
         counts: list[int] = []
-        rows: list[torch.Tensor] = []
+        pieces: list[tuple[int, int]] = []
         size = 0
         for e in experts:
             start, stop = offsets[e], offsets[e + 1]
@@ -285,14 +343,14 @@ class MeshExecutor:
                 take = min(stop - start, cap - size)
                 ids.append(e)
                 counts.append(take)
-                rows.append(torch.arange(start, start + take))
+                pieces.append((start, start + take))
                 size += take
                 start += take
                 if size == cap:
-                    chunks.append(Chunk(function_id, ids, counts, torch.cat(rows)))
-                    ids, counts, rows, size = [], [], [], 0
+                    chunks.append(Chunk(function_id, ids, counts, pieces))
+                    ids, counts, pieces, size = [], [], [], 0
         if size:
-            chunks.append(Chunk(function_id, ids, counts, torch.cat(rows)))
+            chunks.append(Chunk(function_id, ids, counts, pieces))
         return chunks
 
     def _retry_target(self, chunk: Chunk) -> Instance | None:
@@ -303,46 +361,100 @@ class MeshExecutor:
 
     def _send(self, chunk: Chunk, inst: Instance, plan: Dispatch, layer: int, pending: dict[int, Chunk]) -> bool:
         call_id = next(self._call_ids)
-        msg = ExpertCall(call_id=call_id, layer=layer, expert_ids=chunk.expert_ids, counts=chunk.counts,
-                         x=self.staging.to_host(plan.x, chunk.rows))
+        span = chunk.span
+        cpu_span = span is not None and plan.x.device.type == "cpu"
+        # big rows to a worker on this host: gathered into a shared-memory slot, only a descriptor sent
+        msg = self.shm.call(inst.instance_id, inst.endpoint, call_id, layer, chunk.expert_ids, chunk.counts,
+                            *((plan.x[span], None) if cpu_span else (plan.x, chunk.rows)))
+        if msg is None:
+            # a contiguous CPU range goes out as a view (sent zero-copy or copied once by ZeroMQ);
+            # else the rows are gathered into a staging block (pinned, off the GPU, on a CUDA host)
+            x = plan.x[span] if cpu_span else self.staging.to_host(plan.x, chunk.rows)
+            msg = ExpertCall(call_id=call_id, layer=layer, expert_ids=chunk.expert_ids, counts=chunk.counts, x=x)
         try:
             self._socket(inst).send_multipart(encode(msg), copy=False, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
+            self.shm.release(call_id)
             log.warning("call to %s not sent (%s); computing in the main function", inst.instance_id, exc)
             return False
-        chunk.instance, chunk.sent_at = inst, time.perf_counter()
+        chunk.instance, chunk.sent_at, chunk.call_id = inst, time.perf_counter(), call_id
+        self._record.shm_calls += msg.x_shm is not None
         pending[call_id] = chunk
         self._record.calls += 1
         return True
 
     def _gather(self, plan: Dispatch, layer: int, pending: dict[int, Chunk], y: torch.Tensor,
-                fallback: list[Chunk]) -> None:
-        deadline = time.perf_counter() + self.settings.call_timeout_s
+                fallback: list[Chunk], cold: dict[str, list[int]]) -> int:
+        """Take replies until every call is answered, failed or given up on, and send the rows
+        of `cold` functions as soon as each is warm (or leave them to the main function once it
+        failed or cold_start_wait_s passed). Sleeps in one poll over the calls' sockets and the
+        registry's wake fd: a reply or a registry change (an instance warm or gone) wakes it,
+        nothing else does; without a wake fd it re-checks every poll_slice_s. Returns the rows
+        sent to cold functions."""
+        now = time.perf_counter()
+        deadline = now + self.settings.call_timeout_s
+        cold_deadline = now + self.settings.cold_start_wait_s
         poller = zmq.Poller()
         for sock in {id(self.sockets[c.instance.instance_id]): self.sockets[c.instance.instance_id]
                      for c in pending.values()}.values():
             poller.register(sock, zmq.POLLIN)
-        while pending:
-            left = deadline - time.perf_counter()
+        wake = self.registry.wake_fd
+        if wake is not None:
+            poller.register(wake, zmq.POLLIN)
+        slice_s = self.settings.call_timeout_s if wake is not None else self.settings.poll_slice_s
+        generation = self.registry.generation
+        sent = self._send_cold(cold, plan, layer, pending, fallback, poller, now >= cold_deadline)
+        while pending or cold:
+            now = time.perf_counter()
+            left = min(deadline, cold_deadline if cold else deadline) - now
             if left <= 0:
-                for call_id in list(pending):
-                    self._record.late += 1
-                    self._failed(pending.pop(call_id), "no reply within call_timeout_s", plan, layer,
-                                 pending, fallback, poller)
-                deadline = time.perf_counter() + self.settings.call_timeout_s
+                if now >= deadline:
+                    for call_id in list(pending):
+                        self._record.late += 1
+                        self._failed(pending.pop(call_id), "no reply within call_timeout_s", plan, layer,
+                                     pending, fallback, poller)
+                    deadline = now + self.settings.call_timeout_s
+                sent += self._send_cold(cold, plan, layer, pending, fallback, poller, now >= cold_deadline)
                 continue
-            events = dict(poller.poll(int(min(left, self.settings.poll_slice_s) * 1000)))
-            for sock in events:
+            events = poller.poll(max(1, int(min(left, slice_s) * 1000 + 0.999)))
+            for sock, _ in events:
+                if sock is wake:
+                    self.registry.drain_wake()
+                    continue
                 while True:
                     try:
                         frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     self._reply(frames, pending, y, plan, layer, fallback, poller)
-            for call_id, chunk in list(pending.items()):  # a dead instance will never answer
-                if self.registry.state_of(chunk.instance.instance_id) is not State.WARM:
-                    pending.pop(call_id)
-                    self._failed(chunk, "instance is gone", plan, layer, pending, fallback, poller)
+            if self.registry.generation != generation or not events:  # an instance warm, or gone
+                generation = self.registry.generation
+                for call_id, chunk in list(pending.items()):  # a dead instance will never answer
+                    if self.registry.state_of(chunk.instance.instance_id) is not State.WARM:
+                        pending.pop(call_id)
+                        self._failed(chunk, "instance is gone", plan, layer, pending, fallback, poller)
+                sent += self._send_cold(cold, plan, layer, pending, fallback, poller, False)
+        return sent
+
+    def _send_cold(self, cold: dict[str, list[int]], plan: Dispatch, layer: int, pending: dict[int, Chunk],
+                   fallback: list[Chunk], poller: zmq.Poller, give_up: bool) -> int:
+        """Send the rows of cold functions that are warm now; with give_up (or once a function
+        has nothing starting any more) leave its rows to the main function."""
+        sent = 0
+        for function_id in list(cold):
+            warm, starting = self.registry.serving(function_id)
+            if not warm and starting and not give_up:
+                continue
+            experts = cold.pop(function_id)
+            if warm:
+                self._seen_warm.add(function_id)
+                self._record.waited_for.append(warm[0].instance_id)
+                log.info("a round waited for the cold start of %s", function_id)
+            before = set(pending)
+            sent += self._scatter(function_id, experts, warm, plan, layer, pending, fallback)
+            for call_id in set(pending) - before:
+                poller.register(self.sockets[pending[call_id].instance.instance_id], zmq.POLLIN)
+        return sent
 
     def _reply(self, frames, pending, y, plan, layer, fallback, poller) -> None:
         try:
@@ -350,21 +462,37 @@ class MeshExecutor:
         except ProtocolError as exc:
             log.warning("dropped a malformed reply: %s", exc)
             return
-        chunk = pending.pop(getattr(msg, "call_id", -1), None)
+        call_id = getattr(msg, "call_id", -1)
+        chunk = pending.pop(call_id, None)
         if chunk is None:
-            return  # a reply to a call already given up on
-        inst = chunk.instance
-        if isinstance(msg, ExpertResult) and tuple(msg.y.shape) == (len(chunk.rows), plan.x.shape[1]):
-            latency = time.perf_counter() - chunk.sent_at
-            self.staging.to_device(msg.y, y, chunk.rows)
-            inst.suspect = 0
-            self._record.replies.append(Reply(inst.instance_id, chunk.function_id, latency, msg.compute_s,
-                                              len(chunk.rows)))
+            self.shm.release(call_id)  # a late reply to a call already given up on: its slot is free again
             return
+        inst = chunk.instance
+        try:
+            y_host = self.shm.result(msg) if isinstance(msg, ExpertResult) else None  # frame, or its shm slot
+        except ProtocolError as exc:
+            y_host, msg = None, WorkerError(call_id, exc.code, exc.message)
+        if y_host is not None and tuple(y_host.shape) == (chunk.n, plan.x.shape[1]):
+            latency = time.perf_counter() - chunk.sent_at
+            span = chunk.span
+            if span is not None and y.device.type == "cpu":
+                y[span] = y_host  # one slice copy out of the frame or slot (cast to y's dtype if needed)
+            else:
+                self.staging.to_device(y_host, y, chunk.rows)
+            self.shm.release(call_id)
+            inst.suspect = 0
+            self._record.replies.append(Reply(inst.instance_id, chunk.function_id, latency, msg.compute_s, chunk.n))
+            return
+        self.shm.release(call_id)  # an error reply: the worker is done with the slot
+        if isinstance(msg, WorkerError) and msg.code == "shm_unavailable":  # that worker cannot map ours:
+            self.shm.disable(inst.instance_id, msg.message)  # frames from now on, and this call again
+            if self._send(chunk, inst, plan, layer, pending):
+                return
         reason = f"{msg.code}: {msg.message}" if isinstance(msg, WorkerError) else f"unexpected {type(msg).__name__}"
         self._failed(chunk, reason, plan, layer, pending, fallback, poller)
 
     def _failed(self, chunk, reason, plan, layer, pending, fallback, poller) -> None:
+        self.shm.forget(chunk.call_id)  # given up on: a late reply may still write its slot
         inst = chunk.instance
         inst.suspect += 1
         log.warning("call to %s (layer %d, experts %s) failed: %s", inst.instance_id, layer,
@@ -380,9 +508,7 @@ class MeshExecutor:
         fallback.append(chunk)
 
     @staticmethod
-    def _local(block: MoEBlock, plan: Dispatch, chunk: Chunk) -> torch.Tensor:
-        out, start = [], 0
-        for e, n in zip(chunk.expert_ids, chunk.counts, strict=True):
-            out.append(block.experts[e](plan.x[chunk.rows[start:start + n]]))
-            start += n
-        return torch.cat(out)
+    def _local(block: MoEBlock, plan: Dispatch, chunk: Chunk, y: torch.Tensor) -> None:
+        """Compute a chunk's rows in the main function, into y."""
+        for e, (a, b) in zip(chunk.expert_ids, chunk.pieces, strict=True):
+            y[a:b] = block.experts[e](plan.x[a:b])

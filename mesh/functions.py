@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -69,6 +70,10 @@ class Registry:
         # run the last coordinator's "fn.0.0", which must not be mistaken for a new one.
         self.epoch = uuid.uuid4().hex[:4]
         self.generation = 0  # bumped on every change the engine thread must notice
+        self._live: dict[str, list[Instance]] = {}  # function id -> its starting / warm instances
+        # Written on every change: the engine thread's gather polls it beside the data sockets,
+        # so a dying instance wakes a waiting round at once (no periodic health checks).
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK) if hasattr(os, "eventfd") else None
 
     # -- plan ------------------------------------------------------------------------------
 
@@ -98,6 +103,7 @@ class Registry:
             inst = Instance(f"{spec.id}.{replica}.{next(self._ids)}-{self.epoch}", spec.id, node, replica, spec.memory_gb,
                             frozenset(spec.experts))
             self.instances[inst.instance_id] = inst
+            self._live.setdefault(spec.id, []).append(inst)
             self._changed()
             return inst
 
@@ -110,6 +116,8 @@ class Registry:
             inst.state = state
             for key, value in fields.items():
                 setattr(inst, key, value)
+            if not inst.live:
+                self._forget(inst)
             self._changed()
             return inst
 
@@ -118,6 +126,7 @@ class Registry:
             lost = [i for i in self.instances.values() if i.node == node and i.live]
             for inst in lost:
                 inst.state = State.FAILED
+                self._forget(inst)
             self._changed()
             return lost
 
@@ -131,9 +140,14 @@ class Registry:
             return sum(i.memory_gb for i in self.instances.values() if i.node == node and i.live)
 
     def _of(self, spec: FunctionSpec) -> list[Instance]:
-        """Instances that serve exactly this function's experts (same id and same expert set)."""
+        """Live instances that serve exactly this function's experts (same id and same expert set)."""
         experts = frozenset(spec.experts)
-        return [i for i in self.instances.values() if i.function_id == spec.id and i.experts == experts]
+        return [i for i in self._live.get(spec.id, ()) if i.experts == experts]
+
+    def _forget(self, inst: Instance) -> None:
+        live = self._live.get(inst.function_id, [])
+        if inst in live:
+            live.remove(inst)
 
     def warm_instances(self) -> list[Instance]:
         with self.cond:
@@ -142,6 +156,15 @@ class Registry:
     def _changed(self) -> None:
         self.generation += 1
         self.cond.notify_all()
+        if self.wake_fd is not None:
+            os.eventfd_write(self.wake_fd, 1)
+
+    def drain_wake(self) -> None:
+        """Reset `wake_fd` (the engine thread, after it woke on it)."""
+        try:
+            os.eventfd_read(self.wake_fd)
+        except (BlockingIOError, TypeError):
+            pass
 
     # -- data plane (engine thread) --------------------------------------------------------------
 

@@ -19,7 +19,11 @@ a pty so that a dropped connection hangs the remote daemon up): the remote comma
 `python3 -m nodes.daemon ...` from the config (`--remote-python` to change the interpreter;
 the package must be installed there, and [model] path must name the checkpoint there too). Their output is streamed to stderr (or DIR/<node>.log)
 with a `[host]` prefix on every line; on shutdown the coordinator's Shutdown stops them and
-the ssh clients are ended after.
+the ssh clients are ended after. With CURVE ([security] keys_dir), each such host needs its
+own pair and the coordinator's public key at the same keys_dir path (`mesh-up --check` looks).
+ssh reads ~/.ssh/config as usual, or the file $MOEMESH_SSH_CONFIG names (`ssh -F`: identity,
+known hosts, port per host). tests/mesh/test_netns_hosts.py runs all of this over real sshd
+across network namespaces.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from mesh.config import HostConfig, MeshConfig, load_config
 from mesh.errors import MeshError
 from mesh.http.process import FrontEnd
 from mesh.profile_store import ensure_profiles
+from mesh.security import check as security_check
 
 log = logging.getLogger("moemesh.launcher")
 
@@ -51,10 +56,20 @@ RESTART_WINDOW_S = 300.0
 RESTART_BACKOFF_S = (1.0, 30.0)  # first and largest delay before a restart
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5",
                "-o", "ServerAliveCountMax=3")
+SSH_CONFIG_ENV = "MOEMESH_SSH_CONFIG"  # an ssh config file for every ssh mesh-up runs (ssh -F)
+
+
+def ssh_command() -> list[str]:
+    """`ssh` and the options mesh-up gives it. $MOEMESH_SSH_CONFIG, when set, names the ssh
+    config file to read instead of ~/.ssh/config (`ssh -F FILE`): identity, known hosts, port,
+    jump host per host, as in any ssh config (the tests use it for their own keys)."""
+    config = os.environ.get(SSH_CONFIG_ENV)
+    return ["ssh", *(("-F", config) if config else ()), *SSH_OPTIONS]
 
 
 def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL if this launcher dies, whatever the cause."""
+    """preexec_fn: the child gets SIGKILL if this launcher dies, whatever the cause. (The kernel
+    sends it when the *thread* that forked the child ends: see Mesh.stop.)"""
     try:
         import ctypes
 
@@ -77,16 +92,33 @@ def ssh_daemon_argv(host: HostConfig, node: str, control: str, config_json: str,
     remote = [python, "-m", "nodes.daemon", "--node", node, "--control", control, "--config-json", config_json]
     if run_dir is not None:
         remote += ["--run-dir", run_dir]
-    return ["ssh", *SSH_OPTIONS, "-tt", host.ssh, "exec " + " ".join(shlex.quote(a) for a in remote)]
+    return [*ssh_command(), "-tt", host.ssh, "exec " + " ".join(shlex.quote(a) for a in remote)]
 
 
-def ssh_probe_argv(host: HostConfig, python: str = "python3", model_path: str = "") -> list[str]:
-    """ssh argv that prints, on `host`, the moemesh version installed there and then whether
-    `model_path`/config.json exists there ("True"/"False") (for `mesh-up --check`)."""
-    code = ("import importlib.metadata as m, os, sys; print(m.version('moemesh')); "
-            "print(os.path.isfile(os.path.join(sys.argv[1], 'config.json')))")
-    remote = f"{shlex.quote(python)} -c {shlex.quote(code)} {shlex.quote(model_path)}"
-    return ["ssh", *SSH_OPTIONS, host.ssh or "", remote]
+def ssh_probe_argv(host: HostConfig, python: str = "python3", model_path: str = "",
+                   key_files: tuple[str, ...] = ()) -> list[str]:
+    """ssh argv that prints, on `host`, the moemesh version installed there, then whether
+    `model_path`/config.json exists there ("True"/"False"), then (only when `key_files` are
+    given) a JSON list of the key files that are missing there or, for a .secret, readable by
+    others (for `mesh-up --check`)."""
+    code = ("import importlib.metadata as m, json, os, sys; print(m.version('moemesh')); "
+            "print(os.path.isfile(os.path.join(sys.argv[1], 'config.json'))); "
+            "bad = [p + (': missing' if not os.path.isfile(p) else ': readable by others (chmod 600 it)') "
+            "for p in sys.argv[2:] if not os.path.isfile(p) or (p.endswith('.secret') and "
+            "os.stat(p).st_mode & 0o077)]; "
+            "sys.argv[2:] and print(json.dumps(bad))")
+    remote = " ".join(shlex.quote(a) for a in (python, "-c", code, model_path, *key_files))
+    return [*ssh_command(), host.ssh or "", remote]
+
+
+def host_key_files(config: MeshConfig, host: HostConfig) -> tuple[str, ...]:
+    """The CURVE key files a daemon on `host` reads ([security] keys_dir at the same path there):
+    its host's pair and the coordinator's public key; () when it uses no keys."""
+    s = config.security
+    if s.keys_dir is None or s.curve == "off":
+        return ()
+    pair = s.host_key(host.name)
+    return tuple(str(Path(s.keys_dir) / f) for f in (f"{pair}.secret", f"{pair}.public", f"{s.coordinator_key}.public"))
 
 
 def _pump(stream, sink, prefix: str = "", lines: queue.Queue | None = None) -> None:
@@ -281,8 +313,11 @@ class Mesh:
                 await asyncio.sleep(0.1)  # polling a status call, not synchronising a test
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM the coordinator (it shuts the daemons down), then make sure all are gone."""
-        self._stop_event.set()
+        """SIGTERM the coordinator (it shuts the daemons down), then make sure all are gone.
+
+        The supervisor thread is ended last: a daemon (or its ssh client) that it restarted has
+        that thread as its PR_SET_PDEATHSIG parent, and would be SIGKILLed, missing its graceful
+        Shutdown, the moment the thread ended."""
         with self._lock:  # no restart once stopping
             self.stopping = True
             procs = [p for p in (self.coordinator, *self.daemons.values()) if p is not None]
@@ -300,6 +335,7 @@ class Mesh:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self._stop_event.set()
 
     def __enter__(self) -> Mesh:
         return self
@@ -344,8 +380,10 @@ def check(config: MeshConfig, remote_python: str = "python3", run=subprocess.run
     """What would stop this config from coming up, without starting anything: one line per
     problem (empty: none). The config itself was validated when it was loaded; this checks
     the model path, that the coordinator's fixed ports are free, that remote hosts can reach a
-    non-loopback coordinator, and (over ssh, BatchMode) that each ssh host has this moemesh
-    version installed and the model's checkpoint at the same path. `run` is subprocess.run (a fake in unit tests)."""
+    non-loopback coordinator, that the CURVE keys [security] names are here (mesh.security.check),
+    and (over ssh, BatchMode) that each ssh host has this moemesh version installed, the
+    model's checkpoint at the same path and its CURVE key files (host_key_files) at the same
+    keys_dir path. `run` is subprocess.run (a fake in unit tests)."""
     problems: list[str] = []
     c = config.coordinator
     try:
@@ -369,6 +407,7 @@ def check(config: MeshConfig, remote_python: str = "python3", run=subprocess.run
     if remote and c.host in ("127.0.0.1", "localhost", "::1"):
         problems.append(f"[coordinator] host = {c.host!r}: hosts {[h.name for h in remote]} start daemons over "
                         "ssh and cannot reach a loopback coordinator; set a reachable address")
+    problems += [f"[security] {line}" for line in security_check(config)]  # keys here, as the config names them
     mine = local_version()
     try:
         model_path = str(config.model.resolved_path())
@@ -376,7 +415,8 @@ def check(config: MeshConfig, remote_python: str = "python3", run=subprocess.run
         model_path = ""
     for host in remote:
         try:
-            done = run(ssh_probe_argv(host, remote_python, model_path), capture_output=True, timeout=30)
+            done = run(ssh_probe_argv(host, remote_python, model_path, host_key_files(config, host)),
+                       capture_output=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as exc:
             problems.append(f"[[hosts]] {host.name} (ssh {host.ssh}): {exc}")
             continue
@@ -385,7 +425,7 @@ def check(config: MeshConfig, remote_python: str = "python3", run=subprocess.run
             problems.append(f"[[hosts]] {host.name} (ssh {host.ssh}): exit {done.returncode} {err[0]}; check "
                             f"that key-based ssh works (BatchMode) and moemesh is installed for {remote_python}")
             continue
-        said = (done.stdout or b"").decode(errors="replace").split()
+        said = [line.strip() for line in (done.stdout or b"").decode(errors="replace").splitlines() if line.strip()]
         theirs = said[0] if said else ""
         if theirs != mine:
             problems.append(f"[[hosts]] {host.name}: moemesh {theirs or '?'} there, {mine} here; install the same "
@@ -393,6 +433,13 @@ def check(config: MeshConfig, remote_python: str = "python3", run=subprocess.run
         if said[1:2] == ["False"]:
             problems.append(f"[[hosts]] {host.name}: no checkpoint at {model_path} there; its workers load expert "
                             "weights from the same [model] path (copy or mount it)")
+        try:
+            bad_keys = json.loads(said[2]) if len(said) > 2 else []
+        except json.JSONDecodeError:
+            bad_keys = [said[2]]
+        for what in bad_keys:
+            problems.append(f"[[hosts]] {host.name}: key file {what} on that host; each ssh host needs its own "
+                            "pair and the coordinator's .public at the same security.keys_dir path (moemesh keys)")
     return problems
 
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FAILED_REASONS = ("error", "timeout")  # finish reasons that are SLO misses whatever the latencies
+IDLE_GAP_S = 0.5  # calls of one function closer than this are one busy period, not an idle time
+IDLE_SAMPLES = 1000  # idle times kept per function
 DEATHS = ("died", "failed", "hung")  # instance stop reasons that are deaths (not a scale-to-zero)
 
 
@@ -78,6 +80,8 @@ class RoundRecord:
     on_demand: list[dict] = field(default_factory=list)  # experts loaded into the main function on the path
     dropped: int = 0  # token-slots dropped by a capacity factor (they change tokens)
     seconds: float = 0.0
+    at: float = 0.0  # unix time the round started (0: the meter's clock when folded)
+    shm_calls: int = 0  # calls whose rows went through shared memory
 
 
 @dataclass(frozen=True)
@@ -209,8 +213,14 @@ class Meter:
         self.nodes: list[dict] = []
         self.rounds = 0
         self.data_plane = {"calls": 0, "replies": 0, "fallbacks": 0, "retries": 0, "late": 0,
-                           "on_demand_loads": 0, "cold_start_waits": 0, "dropped_slots": 0}
+                           "on_demand_loads": 0, "cold_start_waits": 0, "dropped_slots": 0,
+                           "shm_calls": 0}
         self._posted: deque = deque()  # RoundRecord / StepRecord from the engine thread, not yet folded
+        # Per function: when it last worked, and its idle times (gaps of at least IDLE_GAP_S
+        # between calls: a request's back-to-back rounds are one busy period), newest last:
+        # what an adaptive keep-alive learns from (allocator/keepalive.py, [functions] keep_alive_policy).
+        self.last_call: dict[str, float] = {}
+        self.idle: dict[str, deque] = {}
 
     # -- main function ---------------------------------------------------------------------
 
@@ -259,8 +269,14 @@ class Meter:
 
     def _round(self, rec: RoundRecord) -> None:
         self._layer_load(rec.layer, rec.counts, rec.layers)
+        at = rec.at or self.clock()
         for reply in rec.replies:
             self._invocation(reply.instance_id, reply.latency_s, reply.compute_s, reply.rows)
+            last = self.last_call.get(reply.function_id)
+            if last is not None and at - last >= IDLE_GAP_S:
+                self.idle.setdefault(reply.function_id, deque(maxlen=IDLE_SAMPLES)).append(at - last)
+            if last is None or at > last:
+                self.last_call[reply.function_id] = at
         self._scatter_round(rec.layer, [(r.instance_id, r.function_id, r.latency_s) for r in rec.replies])
         for instance_id in rec.waited_for:
             self._cold_start_on_path(instance_id, rec.request_ids)
@@ -275,6 +291,7 @@ class Meter:
         dp["on_demand_loads"] += len(rec.on_demand)
         dp["cold_start_waits"] += len(rec.waited_for)
         dp["dropped_slots"] += rec.dropped
+        dp["shm_calls"] += rec.shm_calls
         if rec.calls or rec.fallbacks:
             for rid in rec.request_ids:
                 req = self.requests.get(rid)
@@ -282,6 +299,12 @@ class Meter:
                     req.remote_calls += len(rec.replies)
                     req.fallbacks += rec.fallbacks
                     req.cold_starts_on_path += [f"main:{o['experts']}" for o in rec.on_demand]
+
+    def idle_times(self, function_id: str) -> list[float]:
+        """The function's idle times so far (seconds, oldest first; at most IDLE_SAMPLES)."""
+        with self._lock:
+            self._fold()
+            return list(self.idle.get(function_id, ()))
 
     # -- instances ---------------------------------------------------------------------------
 
@@ -308,7 +331,7 @@ class Meter:
             self.cold_starts.append({
                 "time": rec.ready_at, "instance_id": instance_id, "function_id": rec.function_id,
                 "node": rec.node, "path": rec.path, "stages": dict(stages), "total_s": rec.init_s(),
-                "critical_path": False,
+                "critical_path": rec.critical_path,  # a round may have waited for it before this call
             })
 
     def _cold_start_on_path(self, instance_id: str, request_ids: list[str]) -> None:

@@ -17,7 +17,11 @@ imported) or as a fresh interpreter:
 Sockets (all with linger 0, except a last word to the daemon, which may wait 1 s):
 
     data ROUTER  bound on tcp://<host>:0   callers' DEALERs: ExpertCall -> ExpertResult,
-                                           Ping -> Pong; errors as WorkerError / ErrorReply
+                                           Ping -> Pong; errors as WorkerError / ErrorReply.
+                                           A big call from this host may carry its rows in the
+                                           caller's shared memory (ExpertCall.x_shm: a sealed
+                                           memfd, mapped once, read zero-copy) and get y back
+                                           in the same slot (mesh/shm.py)
     DEALER       identity = instance id,   -> daemon: InstanceReady, then a dead sentinel if it
                  connected to the daemon      fails (SpawnFailed before ready, InstanceStopped
                                               "failed" after); <- daemon: StopFunction, Ping
@@ -78,6 +82,7 @@ from mesh.protocol import (
     decode,
     encode,
 )
+from mesh.shm import ShmMaps
 from mesh.sockets import harden
 from nodes.limits import join
 from nodes.model.checkpoint import Checkpoint
@@ -319,6 +324,7 @@ class Server:
         self.device = next(iter(experts.values())).gate_proj.weight.device if experts else torch.device("cpu")
         self.calls = 0
         self.busy_s = 0.0
+        self.shm = ShmMaps()  # callers' shared-memory segments (big calls on this host: mesh/shm.py)
 
     def serve(self) -> str:
         """Returns why it stopped: "idle", "requested" or "orphaned"."""
@@ -337,6 +343,8 @@ class Server:
                             self.spec.parent_pid)
                 return "orphaned"
             events = dict(poller.poll(int(min(idle_left, POLL_SLICE_S) * 1000) + 1))
+            if not events and len(self.shm):
+                self.shm.prune()  # unmap segments whose owner closed them (or died)
             if self.data in events:
                 if self._drain_data():
                     last_call = time.monotonic()
@@ -377,7 +385,12 @@ class Server:
             return WorkerError(call_id, exc.code, _clip(exc.message)), True
         if isinstance(msg, ExpertCall):
             self.calls += 1
-            return self._call(msg), True
+            try:
+                call = self.shm.resolve(msg)  # rows in the caller's shared memory: a zero-copy view
+            except ProtocolError as exc:
+                log.warning("call %d: %s", msg.call_id, exc.message)
+                return WorkerError(msg.call_id, exc.code, _clip(exc.message)), True
+            return self.shm.reply(call, self._call(call)), True  # y into the caller's slot, if it offered one
         if isinstance(msg, Ping):
             return Pong(msg.seq), False
         text = f"a worker's data socket takes ExpertCall or Ping, not {type(msg).__name__}"
@@ -399,18 +412,29 @@ class Server:
         try:
             start = time.perf_counter()
             with torch.inference_mode():
-                outputs = [
-                    self.experts[(call.layer, expert)](rows.to(self.device, self.dtype)).to(x.dtype)
-                    for expert, rows in zip(call.expert_ids, torch.split(x, call.counts))
-                    if rows.shape[0]
-                ]
-                y = torch.cat(outputs).cpu() if outputs else torch.zeros_like(x)  # [sum(counts), hidden] (.cpu(): waits for a GPU)
+                y = self._compute(call.layer, call.expert_ids, call.counts, x)
             elapsed = time.perf_counter() - start
             self.busy_s += elapsed  # the function's own execution time: what invocation billing bills
-            return ExpertResult(call.call_id, elapsed, y.contiguous())
+            return ExpertResult(call.call_id, elapsed, y)
         except Exception as exc:  # a compute failure fails the call, not the instance
             log.exception("call %d failed", call.call_id)
             return WorkerError(call.call_id, "function_failed", _clip(f"{type(exc).__name__}: {exc}"))
+
+    def _compute(self, layer: int, expert_ids: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
+        """x [sum(counts), H] rows of each expert in turn -> y [sum(counts), H] in x's dtype, on the host."""
+        cast = x.dtype != self.dtype or x.device != self.device
+        if len(expert_ids) == 1:  # the common call: one expert's rows, no split, no gather
+            rows = x.to(self.device, self.dtype) if cast else x
+            y = self.experts[(layer, expert_ids[0])](rows)
+            return (y.to(x.dtype).cpu() if cast else y).contiguous()  # .cpu(): waits for a GPU
+        y = torch.empty_like(x)
+        start = 0
+        for expert, n in zip(expert_ids, counts, strict=True):
+            if n:
+                rows = x[start:start + n]
+                y[start:start + n] = self.experts[(layer, expert)](rows.to(self.device, self.dtype) if cast else rows)
+            start += n
+        return y
 
     # -- control ------------------------------------------------------------------------------
 

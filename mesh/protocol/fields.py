@@ -5,7 +5,8 @@ A checker takes (value from the msgpack header, dotted path for errors, limits) 
 value to build the message with (tuples from msgpack arrays, floats from ints), or raises
 MalformedFrame / OversizedMessage naming the field, what it got and what it expected. Types
 understood: str, int, float, bool, Literal[...], dict, dict[str, X], list[X], tuple[X, Y],
-X | None. Ints are ints (not bools), floats are finite.
+a NamedTuple (sent as a msgpack array, rebuilt as that NamedTuple), X | None. Ints are ints (not
+bools), floats are finite.
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ def checker(hint: Any, meta: dict[str, Any]) -> tuple[Checker, str]:
         return _list_checker(*checker(args[0], meta), meta.get("max_len", "max_list_len"))
     if origin is tuple and args and args[-1] is not Ellipsis:
         return _tuple_checker([checker(a, meta) for a in args])
+    if isinstance(hint, type) and issubclass(hint, tuple) and hasattr(hint, "_fields"):
+        return _named_tuple_checker(hint, meta)
     raise TypeError(f"no wire checker for type hint {hint!r}; add one to mesh.protocol.fields")
 
 
@@ -298,6 +301,24 @@ def _tuple_checker(items: list[tuple[Checker, str]]) -> tuple[Checker, str]:
         except ProtocolError:  # check again, naming the item
             for i, (item, (item_check, _)) in enumerate(zip(value, items)):
                 item_check(item, f"{path}[{i}]", limits)
+            raise
+
+    return check, expected
+
+
+def _named_tuple_checker(cls: type, meta: dict[str, Any]) -> tuple[Checker, str]:
+    """A NamedTuple: its items checked as a fixed-length tuple of its annotations (the field's
+    `spec` bounds apply to each numeric item), rebuilt as `cls`."""
+    hints = typing.get_type_hints(cls)
+    check_items, expected = _tuple_checker([checker(hints[name], meta) for name in cls._fields])
+    expected = f"{cls.__name__} {expected}"
+
+    def check(value: Any, path: str, limits: Limits) -> Any:
+        try:
+            return cls(*check_items(value, path, limits))
+        except MalformedFrame as exc:
+            if exc.field == path:  # the value itself is wrong: say what the tuple holds
+                raise bad(path, expected, value) from None
             raise
 
     return check, expected

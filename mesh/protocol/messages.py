@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
 from mesh.errors import BadTensor, MalformedFrame, MeshError
 from mesh.protocol.fields import DEFAULT_LIMITS, spec
-from mesh.protocol.wire import FLOAT_DTYPES, Message, message
+from mesh.protocol.wire import DTYPE_NAMES, FLOAT_DTYPES, Message, message
 
 Expert = tuple[int, int]  # (moe_layer_index, expert_index)
 
@@ -313,6 +313,41 @@ class Shutdown(Message):
 # ------------------------------------------------------------------------------- data plane
 
 
+class ShmRef(NamedTuple):
+    """Where a [rows, cols] C-contiguous tensor lies in a caller's shared-memory segment on the
+    same host (`mesh.shm`), sent as a msgpack array instead of a tensor frame.
+
+    segment: the segment's name, "moemesh-<owner pid>-<32 hex digits>" (a sealed memfd)
+    fd:      its descriptor in the owner's process (the peer opens /proc/<pid>/fd/<fd>)
+    offset:  bytes from the segment's start (a multiple of the dtype's size)
+    dtype:   a float wire dtype name; rows, cols: the tensor's shape
+    """
+
+    segment: str
+    fd: int
+    offset: int
+    dtype: str
+    rows: int
+    cols: int
+
+
+def _check_shm_ref(path: str, ref: ShmRef, like: torch.Tensor, rows: int | None) -> None:
+    """ref describes a tensor of `like`'s dtype and columns (and `rows` rows, if given); a
+    tensor that travels by ref has no rows in its frame (`rows` None: `like` is that frame)."""
+    name = DTYPE_NAMES.get(like.dtype)
+    if ref.dtype != name:
+        raise BadTensor(f"{path}.dtype: {ref.dtype!r}; expected {name!r}, the frame's dtype", field=path)
+    if ref.cols != like.shape[1]:
+        raise BadTensor(f"{path}.cols: {ref.cols}; expected {like.shape[1]}, the frame's columns",
+                        field=path)
+    if rows is None and like.shape[0] != 0:
+        raise BadTensor(f"{path}: set, but the tensor frame holds {like.shape[0]} rows; expected "
+                        f"an empty [0, {ref.cols}] frame when the rows travel in shared memory",
+                        field=path)
+    if rows is not None and ref.rows != rows:
+        raise BadTensor(f"{path}.rows: {ref.rows}; expected {rows}, one per counted token", field=path)
+
+
 @message
 @dataclass(frozen=True, slots=True, eq=False)  # eq=False: tensors have no truth value
 class ExpertCall(Message):
@@ -322,6 +357,10 @@ class ExpertCall(Message):
             expert_ids: rows 0..counts[0]-1 go to expert_ids[0], the next counts[1] to
             expert_ids[1], and so on.
     counts: tokens per expert, len(counts) == len(expert_ids).
+    x_shm:  set (same host only, `mesh.shm`): the rows lie in the caller's shared memory there,
+            and x is an empty [0, hidden] frame of the same dtype. None: the rows are x.
+    y_shm:  set: a [sum(counts), hidden] slot (same dtype) in the caller's shared memory where the
+            worker may write y instead of a frame (it may be x_shm's own slot: y overwrites x).
     """
 
     TYPE = MsgType.EXPERT_CALL
@@ -330,6 +369,8 @@ class ExpertCall(Message):
     expert_ids: list[int] = spec(ge=0)
     counts: list[int] = spec(ge=0)
     x: torch.Tensor = spec(dtypes=FLOAT_DTYPES, ndim=2)
+    x_shm: ShmRef | None = spec(None, ge=0)
+    y_shm: ShmRef | None = spec(None, ge=0)
 
     def _check(self) -> None:
         if len(self.counts) != len(self.expert_ids):
@@ -339,24 +380,36 @@ class ExpertCall(Message):
                 field="ExpertCall.counts",
             )
         rows = self.x.shape[0]
+        if self.x_shm is not None:
+            _check_shm_ref("ExpertCall.x_shm", self.x_shm, self.x, None)
+            rows = self.x_shm.rows
         if sum(self.counts) != rows:
             raise BadTensor(
                 f"ExpertCall.x: {rows} rows but counts sum to {sum(self.counts)}; expected "
                 "one row per counted token",
                 field="ExpertCall.x",
             )
+        if self.y_shm is not None:
+            _check_shm_ref("ExpertCall.y_shm", self.y_shm, self.x, rows)
 
 
 @message
 @dataclass(frozen=True, slots=True, eq=False)
 class ExpertResult(Message):
     """Worker -> coordinator: y = [n, hidden] unweighted expert outputs, rows in the order of
-    the call's x. compute_s: seconds the worker spent computing (excludes transport)."""
+    the call's x. compute_s: seconds the worker spent computing (excludes transport).
+    y_shm: set: y lies in the call's y_shm slot (this is that ref) and y is an empty [0, hidden]
+    frame of the same dtype; None: the rows are y."""
 
     TYPE = MsgType.EXPERT_RESULT
     call_id: int = spec(ge=0)
     compute_s: float = spec(ge=0.0)
     y: torch.Tensor = spec(dtypes=FLOAT_DTYPES, ndim=2)
+    y_shm: ShmRef | None = spec(None, ge=0)
+
+    def _check(self) -> None:
+        if self.y_shm is not None:
+            _check_shm_ref("ExpertResult.y_shm", self.y_shm, self.y, None)
 
 
 @message

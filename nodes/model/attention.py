@@ -12,11 +12,20 @@ from .layers import RMSNorm, Rotary
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale: float) -> torch.Tensor:
-    """q [n, heads, d], k [past+n, heads, d], v [past+n, heads, dv] -> [n, heads, dv]."""
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [heads, n, past+n]
-    scores = scores + causal_mask(past, q.shape[0], scores.dtype, scores.device)
+    """q [n, heads, d], k [past+n, kv_heads, d], v [past+n, kv_heads, dv] -> [n, heads, dv].
+
+    heads = kv_heads x groups (grouped-query attention): query head h reads kv head
+    h // groups, as HF's repeat_kv, without materialising the repeated keys and values.
+    """
+    n, heads, _ = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    qg = q.view(n, kv_heads, groups, q.shape[2])
+    scores = torch.einsum("qcgd,kcd->cgqk", qg, k) * scale  # [kv_heads, groups, n, past+n]
+    if n > 1:  # one new token sees every cached key: no mask
+        scores = scores + causal_mask(past, n, scores.dtype, scores.device)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.einsum("hqk,khd->qhd", probs, v)
+    return torch.einsum("cgqk,kcd->qcgd", probs, v).reshape(n, heads, v.shape[2])
 
 
 class GroupedQueryAttention(nn.Module):
@@ -56,13 +65,10 @@ class GroupedQueryAttention(nn.Module):
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
 
         out = []
-        groups = self.heads // self.kv_heads
         for seg in segments:
             rows = slice(seg.start, seg.start + seg.length)
             past = seg.cache.length
             keys, values = seg.cache.append(self.layer, k[rows], v[rows])  # [past+n, kv, d]
-            keys = keys.repeat_interleave(groups, dim=1)  # [past+n, heads, d]
-            values = values.repeat_interleave(groups, dim=1)
             out.append(attend(q[rows], keys, values, past, self.scale))
         return self.o_proj(torch.cat(out).reshape(tokens, self.heads * self.head_dim))
 

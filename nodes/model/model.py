@@ -67,6 +67,7 @@ class MoEModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.skew = None  # nodes/model/skew.py apply_zipf: Zipf-skewed routing instead of the router's
 
     def new_cache(self) -> SequenceCache:
         return SequenceCache(self.config.num_layers)
@@ -101,6 +102,8 @@ class MoEModel(nn.Module):
         device = self.model.embed_tokens.weight.device
         input_ids = input_ids.to(device)
         positions = positions_of(segments, device)  # [T]
+        if self.skew is not None:  # Zipf-skewed routing keys on (token id, position)
+            self.skew.set_tokens(input_ids, positions)
         x = self.model.embed_tokens(input_ids)  # [T, H]
         for layer in self.model.layers:
             x = layer(x, segments, positions, executor)

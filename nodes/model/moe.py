@@ -50,11 +50,16 @@ class Router(nn.Module):
         self.scoring, self.topk_method = config.scoring, config.topk_method
         self.norm_topk_prob, self.scale = config.norm_topk_prob, config.routed_scaling_factor
         self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.skew = None  # a ZipfSkew (nodes/model/skew.py) overriding which experts are chosen
+        self.skew_layer = 0
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
         scores = logits.softmax(-1) if self.scoring == "softmax" else logits.sigmoid()
-        if self.topk_method == "greedy":
+        if self.skew is not None:  # Zipf-skewed choice, the router's own scores as weights
+            experts = self.skew.choose(self.skew_layer, self.top_k, x.shape[0]).to(x.device)
+            weights = scores.gather(1, experts)
+        elif self.topk_method == "greedy":
             weights, experts = scores.topk(self.top_k, dim=-1)
         else:
             choice = scores

@@ -42,8 +42,10 @@ def test_hand_worked_case():
       on every token, so they are rescaled to sum to 1:
       E[max] = (0.022 * 0.25 + 0.010 * 0.5625) / 0.8125 = 0.011125 / 0.8125 = 0.0136923;
       step = 0.001 + 0.0136923 = TPOT 0.0146923 s, decode 0.0293846 s, wall 1.0523846 s.
-    Invocation billing with INIT: function busy 0.022 + 2 * 0.25 * 0.022 = 0.033 s, + INIT
-      0.5 s -> 0.533 s * 0.5 GB = 0.2665 GB-s; main: (wall - cold + cold) * 2 GB = 2.1047692 GB-s.
+    Invocation billing with INIT: the function bills its own compute per call (20 ms, already
+      on the 1 ms grid; the 2 ms transfer is not its time): 0.020 + 2 * 0.25 * 0.020 = 0.030 s,
+      + INIT 0.5 s (alone on its node: no fork queue, no one to share with) -> 0.530 s * 0.5 GB
+      = 0.265 GB-s; main: (wall - cold + cold) * 2 GB = 2.1047692 GB-s.
       Calls: main 1 + prefill 1 + 2 * 0.25 = 2.5.
     """
     profiles = hand_profiles()
@@ -60,12 +62,13 @@ def test_hand_worked_case():
     assert result.tpot_s == pytest.approx(0.001 + 0.011125 / 0.8125)
     wall = 1.023 + 2 * (0.001 + 0.011125 / 0.8125)
     assert result.wall_s == pytest.approx(wall)
-    assert result.function_gb_s["f"] == pytest.approx(0.2665)
+    assert result.function_gb_s["f"] == pytest.approx(0.265)
+    assert result.function_init_gb_s == pytest.approx(0.25)
     assert result.main_gb_s == pytest.approx(2 * wall)
     assert result.invocations == pytest.approx(2.5)
     prices = cluster.prices
     assert result.money == pytest.approx(
-        (0.2665 + 2 * wall) * prices.cpu_gb_s + 2.5 * prices.per_request
+        (0.265 + 2 * wall) * prices.cpu_gb_s + 2.5 * prices.per_request
     )
 
     # A warm instance of f: no INIT billed, nothing to wait for.
@@ -73,7 +76,7 @@ def test_hand_worked_case():
     warmed = estimate(
         plan, Loads.from_forecast(forecast, workload, 1), profiles, cluster, workload, warm=warm
     )
-    assert warmed.function_gb_s["f"] == pytest.approx(0.033 * 0.5)
+    assert warmed.function_gb_s["f"] == pytest.approx(0.030 * 0.5)
     # Instance billing: spawn to end plus keep-alive, for every instance.
     kept = Cluster(cluster.nodes, "n", prices=Prices(billing="instance", keep_alive_s=10.0))
     held = estimate(plan, Loads.from_forecast(forecast, workload, 1), profiles, kept, workload)

@@ -103,3 +103,27 @@ def test_layer_load_imbalance():
     m.layer_load(0, np.array([6, 2, 0, 0]), layers=2)
     assert m.imbalance[0] == pytest.approx(6 / 2)
     assert m.snapshot()["load"]["counts"] == [[6, 2, 0, 0], [0, 0, 0, 0]]
+
+
+def test_idle_times_per_function_feed_the_adaptive_keep_alive():
+    from allocator.keepalive import decide
+    from mesh.config import load_config
+    from mesh.control import spawn_request
+    from mesh.meter import IDLE_GAP_S, Reply, RoundRecord
+
+    meter = Meter(Prices(), {"default": (1.0, 0.5)}, clock=lambda: 0.0)
+    t = 100.0
+    for gap in [3.0] * 12:  # a request every 3 s, each a burst of rounds 10 ms apart
+        t += gap
+        for step in range(5):
+            meter.post(RoundRecord(0, 1, np.zeros(4, dtype=np.int64), [], [Reply("i", "fn", 0.001, 0.001, 1)], calls=1,
+                                   at=t + 0.01 * step))
+    idle = meter.idle_times("fn")
+    assert len(idle) == 11 and all(abs(x - (3.0 - 0.04)) < 1e-9 for x in idle)  # bursts merged
+    assert min(idle) >= IDLE_GAP_S and meter.idle_times("other") == []
+    keep = decide("histogram", idle, fixed_s=30.0)
+    assert keep.policy == "histogram" and 3.0 <= keep.keep_alive_s <= 4.5, keep  # p99 bin (+10 %), not 30 s
+    config = load_config(None, {"functions.keep_alive_policy": "histogram"})
+    msg = spawn_request("fn.0.0", "fn", [(0, 1)], 0.5, config, "/m", keep_alive_s=keep.keep_alive_s)
+    assert msg.keep_alive_s == keep.keep_alive_s
+    assert spawn_request("fn.0.0", "fn", [(0, 1)], 0.5, config, "/m").keep_alive_s == config.functions.keep_alive_s

@@ -1,6 +1,10 @@
 """`moemesh profile` end to end on the tiny checkpoint: real node daemons (two: the sweep's CFS
 period and the compared one), real workers with real cgroup limits where writable, a small
-sweep. Timing is measured, not asserted: the tests check the record, not the speed."""
+sweep. Timing is measured, not asserted: the tests check the record, not the speed.
+
+Then its pieces, fast: the control-plane pieces it shares with the coordinator
+(mesh/control.py) against a DEALER playing the daemon, the Caller against a ROUTER playing a
+worker, and the fits on samples whose answer is known."""
 
 from __future__ import annotations
 
@@ -8,20 +12,41 @@ import contextlib
 import io
 import json
 import math
+import threading
 
+import numpy as np
 import psutil
 import pytest
+import torch
+import zmq
 
+from allocator.model import ModelShape
 from allocator.profiles import FAMILIES, Profiles
 from mesh import planning
 from mesh.cli import main as cli_main
 from mesh.config import load_config
+from mesh.control import register_ack, spawn_request
 from mesh.errors import MeshError
-from mesh.profile import default_host, profile_path
+from mesh.profile_store import default_host, profile_path
+from mesh.profiling.caller import Caller
+from mesh.profiling.fit import expert_points, fit_profiles
+from mesh.profiling.node import HEARTBEAT_S, KEEP_ALIVE_S, LIVENESS, ControlPlane, node_config
+from mesh.protocol import (
+    ExpertCall,
+    ExpertResult,
+    InstanceStopped,
+    NodeRegister,
+    Ping,
+    SpawnFunction,
+    StopFunction,
+    decode,
+    encode,
+)
+from mesh.sockets import harden
 from nodes.limits import Cgroups
 from nodes.model.config import MoEConfig
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # the end-to-end tests; the pieces' tests below take milliseconds
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +62,7 @@ def profiled(tiny_model, tmp_path_factory):
     return {"code": code, "out": out, "path": path, "text": stdout.getvalue(), "model": tiny_model}
 
 
+@slow
 def test_profile_writes_a_profile_that_round_trips(profiled):
     assert profiled["code"] == 0, profiled["text"]
     text = profiled["path"].read_text()
@@ -55,6 +81,7 @@ def test_profile_writes_a_profile_that_round_trips(profiled):
     assert [p["period_us"] for p in data["period_comparison"]] == [10_000, 100_000]
 
 
+@slow
 def test_both_fits_exist_and_the_stored_one_is_the_best(profiled):
     data = json.loads(profiled["path"].read_text())
     profiles = Profiles.from_dict(data)
@@ -71,6 +98,7 @@ def test_both_fits_exist_and_the_stored_one_is_the_best(profiled):
         assert family in profiled["text"]  # the fit errors are printed
 
 
+@slow
 def test_pngs_and_the_printed_tables(profiled):
     folder = profiled["path"].parent
     for png in (folder / f"{profiled['model'].name}-fits.png", folder / f"{profiled['model'].name}-period.png"):
@@ -80,6 +108,7 @@ def test_pngs_and_the_printed_tables(profiled):
     assert "100 ms" in text and "10 ms" in text
 
 
+@slow
 def test_cgroup_enforcement_is_recorded_and_said(profiled):
     data = json.loads(profiled["path"].read_text())["measurement"]
     enforced = data["cgroups"]["enforced"]
@@ -93,12 +122,14 @@ def test_cgroup_enforcement_is_recorded_and_said(profiled):
         assert "CPU SHARE NOT ENFORCED" in profiled["text"]
 
 
+@slow
 def test_nothing_is_left_running(profiled):
     assert profiled["code"] == 0
     alive = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, alive
 
 
+@slow
 def test_profiles_of_loads_the_stored_profile_else_synthetic(profiled, tmp_path):
     config = load_config(None, {"model.path": str(profiled["model"])})
     model = MoEConfig.from_file(profiled["model"])
@@ -111,3 +142,173 @@ def test_profiles_of_loads_the_stored_profile_else_synthetic(profiled, tmp_path)
     measured = load_config(None, {"model.path": str(profiled["model"]), "policy.profiles": "measured"})
     with pytest.raises(MeshError, match="no measured profiles"):
         planning.profiles_of(measured, model, profiles_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ the pieces, without daemons
+
+DEADLINE_MS = 10_000  # generous: a busy 2-core machine; a test waits on the message, not the clock
+
+
+def _recv(sock: zmq.Socket):
+    assert sock.poll(DEADLINE_MS), "no message within the deadline"
+    return decode(sock.recv_multipart())
+
+
+def test_spawn_request_is_the_coordinators_and_scales_the_cpu_share():
+    config = load_config(None, {"functions.gb_per_vcpu": 2.0, "functions.keep_alive_s": 12.0,
+                                "functions.start_delay_s": 0.5, "functions.spawn": "fresh"})
+    msg = spawn_request("i-1", "fn", [(1, 3), (0, 2)], 1.5, config, "/m")
+    assert msg == SpawnFunction(instance_id="i-1", function_id="fn", experts=[(1, 3), (0, 2)], memory_gb=1.5,
+                                cpu_share=0.75, keep_alive_s=12.0, spawn="fresh", model_path="/m",
+                                start_delay_s=0.5, device="cpu")
+    assert spawn_request("i-2", "fn", [(0, 0)], 1.0, config, "/m", node_kind="gpu").device == "cuda"
+    assert decode(encode(msg)) == msg
+
+
+def test_node_config_keeps_the_mesh_config_and_fixes_what_the_profile_needs():
+    config = load_config(None, {"functions.keep_alive_s": 5.0, "functions.start_delay_s": 1.0,
+                                "functions.gb_per_vcpu": 2.0})
+    node = node_config(config, "p0", 20_000)
+    assert [n.name for n in node.nodes] == ["p0"] and node.nodes[0].kind == "cpu"
+    f = node.functions
+    assert (f.cfs_period_us, f.keep_alive_s, f.start_delay_s, f.gb_per_vcpu) == (20_000, KEEP_ALIVE_S, 0.0, 2.0)
+    assert (node.coordinator.heartbeat_s, node.coordinator.liveness) == (HEARTBEAT_S, LIVENESS)
+    assert node.model == config.model and node.security == config.security
+    # what the profiler asks for is what the coordinator would ask for under this config
+    assert spawn_request("i", "f", [(0, 0)], 1.0, node, "/m").keep_alive_s == KEEP_ALIVE_S
+
+
+def test_control_plane_acks_pings_forwards_and_waits():
+    config = node_config(load_config(None, {}), "p-test", 10_000)
+    plane = ControlPlane("p-test", config)
+    plane.start()
+    context = zmq.Context()
+    daemon = context.socket(zmq.DEALER)
+    daemon.setsockopt(zmq.IDENTITY, b"p-test")
+    daemon.setsockopt(zmq.LINGER, 0)
+    daemon.connect(plane.endpoint)
+    try:
+        daemon.send_multipart(encode(NodeRegister(node_id="p-test", kind="cpu", host="127.0.0.1", capacity_gb=1.0,
+                                                  cpus=1.0, pid=1, zygote=False)))
+        seen = [_recv(daemon), _recv(daemon)]  # the ack, and the first ping (before or after it)
+        assert register_ack("p-test", config) in seen
+        assert any(isinstance(m, Ping) for m in seen)
+        plane.send(StopFunction("i-1", "requested"))
+        while not isinstance(msg := _recv(daemon), StopFunction):
+            assert isinstance(msg, Ping)
+        assert msg.instance_id == "i-1"
+        assert isinstance(plane.wait_for(lambda m: isinstance(m, NodeRegister), 10.0, lambda: True), NodeRegister)
+        daemon.send_multipart(encode(InstanceStopped(instance_id="i-1", node_id="p-test", reason="requested",
+                                                     exit_code=0, started_at=0.0, stopped_at=1.0)))
+        stopped = plane.wait_for(lambda m: isinstance(m, InstanceStopped), 10.0, lambda: True)
+        assert stopped.instance_id == "i-1"
+        with pytest.raises(MeshError) as dead:
+            plane.wait_for(lambda m: isinstance(m, InstanceStopped), 10.0, lambda: False)
+        assert dead.value.code == "function_failed"
+        with pytest.raises(MeshError) as late:
+            plane.wait_for(lambda m: isinstance(m, InstanceStopped), 0.0, lambda: True)
+        assert late.value.code == "timeout"
+    finally:
+        daemon.close(linger=0)
+        context.term()
+        plane.close()
+    assert not plane.is_alive()
+
+
+class FakeWorker(threading.Thread):
+    """A worker's data ROUTER (hardened as the mesh's) that answers each call with `answer(call)`."""
+
+    def __init__(self, answer) -> None:
+        super().__init__(daemon=True)
+        self.answer = answer
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.ROUTER)
+        harden(self.sock, "data", bind="tcp://127.0.0.1:0")
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:0")
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.done = threading.Event()
+        self.calls: list[ExpertCall] = []
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            if self.sock.poll(20):
+                identity, *frames = self.sock.recv_multipart()
+                call = decode(frames)
+                self.calls.append(call)
+                self.sock.send_multipart([identity, *encode(self.answer(call))])
+        self.sock.close(linger=0)
+        self.context.term()
+
+
+def test_caller_times_calls_and_refuses_a_wrong_answer():
+    worker = FakeWorker(lambda call: ExpertResult(call_id=call.call_id, compute_s=0.002, y=call.x * 2))
+    worker.start()
+    try:
+        with Caller(worker.endpoint, 8, torch.float32, load_config(None, {})) as caller:
+            rt, compute = caller.call(1, 3, 4)
+            assert rt > 0 and compute == 0.002
+            caller.call(1, 3, 4)
+        first, second = worker.calls
+        assert (first.layer, first.expert_ids, first.counts, tuple(first.x.shape)) == (1, [3], [4], (4, 8))
+        assert torch.equal(first.x, second.x) and second.call_id == first.call_id + 1  # one input per size
+    finally:
+        worker.done.set()
+        worker.join(10)
+    wrong = FakeWorker(lambda call: ExpertResult(call_id=call.call_id + 7, compute_s=0.0, y=call.x))
+    wrong.start()
+    try:
+        with Caller(wrong.endpoint, 8, torch.float32) as caller, pytest.raises(MeshError) as exc:
+            caller.call(0, 0, 1)
+        assert exc.value.code == "function_failed"
+    finally:
+        wrong.done.set()
+        wrong.join(10)
+
+
+def _samples(stall_s: float):
+    """Known samples: compute = 0.1 ms + 0.1 ms / min(memory, 1) + 0.01 ms per token; transport =
+    0.4 ms + bytes / 1 GB/s; the 0.25 GB size stalls one call in ten by stall_s (a CFS throttle)."""
+    samples = {}
+    for memory in (0.25, 1.0):
+        for tokens in (1, 4):
+            compute = 1e-4 + 1e-4 / min(memory, 1.0) + 1e-5 * tokens
+            transport = 4e-4 + 2 * tokens * 32 / 1e9
+            rts = [compute + transport + (stall_s if memory < 1 and i == 9 else 0.0) for i in range(10)]
+            samples[(memory, tokens)] = {"round_trip_s": rts, "compute_s": [compute] * 10,
+                                         "round_means_s": [float(np.mean(rts))] * 3}
+    return samples
+
+
+def test_expert_points_subtract_the_transport_and_keep_the_stalls():
+    rows, overhead = expert_points(_samples(1e-3), (0.25, 1.0), (1, 4), 32, saturation_gb=1.0)
+    assert overhead == pytest.approx({1: 4e-4 + 64 / 1e9, 4: 4e-4 + 256 / 1e9})
+    by = {(r["memory_gb"], r["tokens"]): r for r in rows}
+    assert [(r["memory_gb"], r["tokens"]) for r in rows] == [(0.25, 1), (0.25, 4), (1.0, 1), (1.0, 4)]
+    assert by[(1.0, 1)]["expert_s"] == pytest.approx(2e-4 + 1e-5)
+    # the median of one size's calls never sees its stalls; the mean (what the fit takes) does
+    small = by[(0.25, 4)]
+    assert small["round_trip_s"]["median"] == pytest.approx(5e-4 + 4e-5 + overhead[4])
+    assert small["expert_s"] == pytest.approx(5e-4 + 4e-5 + 1e-4)
+    assert small["bytes"] == 256 and small["compute_s"]["n"] == 10
+
+
+def test_fit_profiles_recovers_known_lines_and_stores_the_best_curve():
+    rows, overhead = expert_points(_samples(0.0), (0.25, 1.0), (1, 4), 32, saturation_gb=1.0)
+    cold = [{"experts": n, "bytes": n * 100_000, "seconds": 0.05 + n * 100_000 / 1e7, "stages": {}} for n in (1, 2, 4)]
+    shape = ModelShape(moe_layers=2, experts_per_layer=4, top_k=2, hidden=8, bytes_per_expert=768,
+                       main_bytes=10_000, kv_bytes_per_token=64, activation_bytes=32, name="t")
+    fitted = fit_profiles(rows, overhead, cold, shape, "h", "tiny", 32, saturation_gb=1.0)
+    p = fitted.profiles
+    assert (p.host, p.model, p.shape) == ("h", "tiny", shape)
+    assert p.cold_start.intercept == pytest.approx(0.05) and p.cold_start.bandwidth == pytest.approx(1e7)
+    assert p.scatter_gather.intercept == pytest.approx(4e-4) and p.scatter_gather.bandwidth == pytest.approx(1e9)
+    experts = [r for r in p.reports if r.family in FAMILIES]
+    assert p.expert.curve.family == min(experts, key=lambda r: r.residual_standard_error_s).family
+    assert [r.family for r in p.reports if r.family not in FAMILIES] == ["scatter_gather", "cold_start"]
+    assert fitted.points.shape == (4, 3) and set(fitted.fit.candidates) == set(FAMILIES)
+    for family in FAMILIES:
+        assert fit_profiles(rows, overhead, cold, shape, "h", "tiny", 32, 1.0, family).profiles.expert.curve.family \
+            == family
+    one = fit_profiles(rows, overhead, cold[:1], shape, "h", "tiny", 32, 1.0).profiles.cold_start
+    assert (one.intercept, one.bandwidth) == (pytest.approx(cold[0]["seconds"]), math.inf)  # one size: no slope

@@ -50,6 +50,7 @@ from mesh.protocol import (
     ProtocolError,
     RegisterAck,
     RequestDone,
+    ShmRef,
     Shutdown,
     SpawnFailed,
     SpawnFunction,
@@ -77,6 +78,15 @@ def expert_call(x: torch.Tensor | None = None, counts: list[int] | None = None) 
     x = torch.randn(5, HIDDEN) if x is None else x
     counts = [2, 3] if counts is None else counts
     return ExpertCall(call_id=7, layer=1, expert_ids=list(range(len(counts))), counts=counts, x=x)
+
+
+SHM_REF = ShmRef("moemesh-4242-" + "ab" * 16, fd=5, offset=8192, dtype="float32", rows=5, cols=HIDDEN)
+
+
+def expert_call_shm(**changes: Any) -> ExpertCall:
+    """An ExpertCall whose 5 rows lie in shared memory (mesh.shm), with that slot offered for y."""
+    fields = dict(x=torch.empty(0, HIDDEN), x_shm=SHM_REF, y_shm=SHM_REF) | changes
+    return ExpertCall(call_id=7, layer=1, expert_ids=[0, 1], counts=[2, 3], **fields)
 
 
 # One instance of every message, fields away from their defaults where it matters.
@@ -147,6 +157,8 @@ SAMPLES: list[Message] = [
     Shutdown(reason="mesh-down"),
     expert_call(),
     ExpertResult(call_id=7, compute_s=0.002, y=torch.randn(5, HIDDEN)),
+    expert_call_shm(),
+    ExpertResult(call_id=7, compute_s=0.002, y=torch.empty(0, HIDDEN), y_shm=SHM_REF),
     WorkerError(call_id=7, code="function_failed", message="expert 3 not loaded"),
     MetricsSnapshot(seq=3, time=1_700_000_001.5, payload={"cost_usd": 0.0, "stragglers": []}),
     Ping(seq=1),
@@ -542,6 +554,47 @@ def test_counts_must_sum_to_rows() -> None:
         decode(encode(expert_call(counts=[2, 2])))
     with pytest.raises(MalformedFrame, match="2 counts for 3 expert_ids"):
         decode(with_header(expert_call(counts=[2, 3]), expert_ids=[0, 1, 2]))
+
+
+def test_shm_refs_are_optional_and_travel_as_arrays() -> None:
+    plain = decode(encode(expert_call()))
+    assert plain.x_shm is None and plain.y_shm is None  # absent: the rows are the frame, as before
+    frames = encode(expert_call_shm())
+    assert len(frames) == 3 and len(frames[2]) == 0  # an empty frame: only the descriptor travels
+    assert msgpack.unpackb(frames[1])["x_shm"] == list(SHM_REF)
+    call = decode(frames)
+    assert type(call.x_shm) is ShmRef and call.x_shm == SHM_REF and call.y_shm == SHM_REF
+    assert decode(encode(expert_call_shm(y_shm=None))).y_shm is None  # rows in shm, y as a frame
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(x=torch.randn(5, HIDDEN)), "ExpertCall.x_shm: set, but the tensor frame holds 5 rows"),
+    (dict(x=torch.empty(0, HIDDEN, dtype=torch.bfloat16)), r"x_shm.dtype: 'float32'; expected 'bfloat16'"),
+    (dict(x=torch.empty(0, 4)), r"x_shm.cols: 8; expected 4"),
+    (dict(x_shm=SHM_REF._replace(rows=4), y_shm=None), "4 rows but counts sum to 5"),
+    (dict(y_shm=SHM_REF._replace(rows=4)), r"ExpertCall.y_shm.rows: 4; expected 5"),
+    (dict(y_shm=SHM_REF._replace(dtype="float16")), r"y_shm.dtype: 'float16'; expected 'float32'"),
+    (dict(x_shm=None, x=torch.randn(5, HIDDEN), y_shm=SHM_REF._replace(rows=6)), "y_shm.rows: 6"),
+])
+def test_shm_refs_must_agree_with_the_call(changes: dict, match: str) -> None:
+    with pytest.raises(BadTensor, match=match):
+        decode(encode(expert_call_shm(**changes)))
+
+
+def test_shm_ref_of_a_result_must_come_with_an_empty_frame() -> None:
+    result = ExpertResult(call_id=7, compute_s=0.0, y=torch.randn(5, HIDDEN), y_shm=SHM_REF)
+    with pytest.raises(BadTensor, match="ExpertResult.y_shm: set, but the tensor frame holds 5 rows"):
+        decode(encode(result))
+
+
+@pytest.mark.parametrize("value", [
+    "moemesh-1-x", [SHM_REF.segment, 5, 0, "float32", 5], [SHM_REF.segment, 5, -1, "float32", 5, HIDDEN],
+    [SHM_REF.segment, "5", 0, "float32", 5, HIDDEN], [7, 5, 0, "float32", 5, HIDDEN], {"segment": "x"},
+])
+def test_malformed_shm_refs_name_the_field(value: Any) -> None:
+    with pytest.raises(MalformedFrame) as info:
+        decode(with_header(expert_call_shm(), x_shm=value))
+    assert info.value.field.startswith("ExpertCall.x_shm")
 
 
 def test_unpackable_value_names_the_field() -> None:

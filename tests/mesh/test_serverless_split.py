@@ -123,3 +123,37 @@ def test_a_function_no_node_can_host_is_loaded_on_demand_and_billed(tiny_model, 
         assert st["main"]["experts"] == len(loaded)
         assert st["main"]["held_bytes"] == _non_expert_bytes(tiny_model) + len(loaded) * EXPERT_BYTES
         assert any(r["cold_starts_on_path"] for r in st["records"]), "the first requests waited for loads"
+
+
+def test_cold_start_load_runs_a_cold_functions_rows_in_the_main_function(tiny_model, reference, tmp_path):
+    # [functions] cold_start = "load": while the functions start (slowly: start_delay_s), the
+    # first requests' rows of each cold function run in the main function, its experts loaded on
+    # demand (billed, on the critical path); no round waits for a process; once the functions
+    # are warm the main function drops those experts again and the calls go remote
+    with running_mesh(tiny_model, tmp_path, **{"policy.name": "all-remote", "functions.cold_start": "load",
+                                               "functions.start_delay_s": 2.0}) as mesh:
+        address = mesh.endpoints["client"]
+        got = asyncio.run(generate_all(address, PROMPTS))
+        assert [t for t, _ in got] == reference, dump(mesh)
+        st = asyncio.run(status(address))
+        assert st["data_plane"]["on_demand_loads"] > 0 and st["data_plane"]["cold_start_waits"] == 0, st["data_plane"]
+        assert any(r["cold_starts_on_path"] for r in st["records"])
+        functions = len({i["function_id"] for i in st["instances"]})
+        st = _until(address, lambda s: len({i["function_id"] for i in s["instances"] if i["state"] == "warm"})
+                    == functions)
+        got = asyncio.run(generate_all(address, PROMPTS[:1]))  # a step boundary after warm: the main drops
+        assert [t for t, _ in got] == reference[:1], dump(mesh)
+        st = asyncio.run(status(address))
+        assert st["main"]["experts"] == 0 and st["main"]["held_bytes"] == _non_expert_bytes(tiny_model), st["main"]
+        assert st["data_plane"]["calls"] > 0
+
+
+def test_calls_through_shared_memory_give_the_same_tokens(tiny_model, reference, tmp_path):
+    # policy.shm_min_bytes = 1: every call's rows go to the workers (on this host) through a
+    # sealed memfd slot, only a descriptor on ZeroMQ; the replies come back in the same slot
+    with running_mesh(tiny_model, tmp_path, **{"policy.name": "all-remote", "policy.shm_min_bytes": 1}) as mesh:
+        address = mesh.endpoints["client"]
+        got = asyncio.run(generate_all(address, PROMPTS))
+        assert [t for t, _ in got] == reference, dump(mesh)
+        dp = asyncio.run(status(address))["data_plane"]
+        assert dp["shm_calls"] == dp["calls"] > 0 and dp["fallbacks"] == 0, dp
