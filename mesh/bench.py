@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                          "use, cached in checkpoints/), in bfloat16, e.g. qwen1.5-moe-a2.7b:4")
     ap.add_argument("--http", action="store_true",
                     help="instead: TTFT and TPOT through the HTTP front end against the SDK, same prompts (http.json)")
+    ap.add_argument("--levels", default="1,8,32", metavar="C,...",
+                    help="concurrencies of the throughput measurement (default 1,8,32; the first is the base)")
     ap.add_argument("--profile", action="store_true",
                     help="also sample the coordinator with py-spy during the decode measurement "
                          "(profile-coordinator.txt / .md in --out; needs `pip install py-spy`)")
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out / 'policies.json'}")
         return 0 if all(r["tokens_identical"] for r in rows.values()) else 1
 
-    result = run_dataplane(prompts, args.new_tokens, args.out, EXTRA, _progress, profile=args.profile)
+    levels = tuple(int(c) for c in args.levels.split(",") if c)
+    result = run_dataplane(prompts, args.new_tokens, args.out, EXTRA, _progress, profile=args.profile, levels=levels)
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))
     print(report(result))
     print(f"wrote {args.out / 'bench.json'} and {', '.join(result['plots'])}")

@@ -257,13 +257,14 @@ def plots(result: dict, out: Path) -> list[str]:
     return files
 
 
-def run(prompts: list[str], new_tokens: int, out: Path, extra: dict, progress, profile: bool = False) -> dict:
+def run(prompts: list[str], new_tokens: int, out: Path, extra: dict, progress, profile: bool = False,
+        levels: tuple[int, ...] = LEVELS) -> dict:
     """The whole data-plane bench; writes nothing but plots (the caller writes bench.json)."""
     from mesh.bench_profile import Spy
 
     total = 5
     progress(0, total, "in-process engine")
-    local = in_process_decode(prompts, new_tokens, extra, LEVELS)
+    local = in_process_decode(prompts, new_tokens, extra, levels)
     progress(1, total, "mesh (all-remote, zygote): decode, throughput")
     spy = None
     with Mesh(mesh_config(extra), quiet=True) as mesh:
@@ -271,7 +272,7 @@ def run(prompts: list[str], new_tokens: int, out: Path, extra: dict, progress, p
         if profile:
             spy = Spy(mesh.coordinator.pid, out / "profile-coordinator.txt")
         with spy if spy else _nothing():
-            remote = asyncio.run(mesh_decode(endpoints["client"], prompts, new_tokens, LEVELS))
+            remote = asyncio.run(mesh_decode(endpoints["client"], prompts, new_tokens, levels))
     progress(2, total, "raw ZeroMQ round trips")
     sg = scatter_gather(remote["status"]["rounds"])
     progress(3, total, "cold starts: zygote")
@@ -293,8 +294,8 @@ def run(prompts: list[str], new_tokens: int, out: Path, extra: dict, progress, p
         "throughput": {"levels": {str(c): {
             "mesh_tokens_per_s": remote["tokens_per_s"][c], "in_process_tokens_per_s": local["tokens_per_s"][c],
             "ratio_vs_in_process": remote["tokens_per_s"][c] / local["tokens_per_s"][c],
-            "ratio_vs_concurrency_1": remote["tokens_per_s"][c] / remote["tokens_per_s"][LEVELS[0]]}
-            for c in LEVELS}},
+            "ratio_vs_concurrency_1": remote["tokens_per_s"][c] / remote["tokens_per_s"][levels[0]]}
+            for c in levels}},
         "data_plane": remote["status"].get("data_plane"),
     }
     if spy is not None:

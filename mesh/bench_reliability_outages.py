@@ -64,14 +64,9 @@ async def sigstop(run: Run) -> dict:
 
     async with run.client() as client:
         await wait_warm(run, client)
-        task = asyncio.create_task(controller(client))
         try:
-            load = await run_load(client, run.jobs(10 ** 6), opts.concurrency, opts.new_tokens, opts.deadline_s,
-                                  "sigstop", stop=stop_sending, on_token=lambda _o: flowing.set(), state=state)
+            load = await _under_fault(run, opts, client, controller, "sigstop", stop_sending, flowing, state)
         finally:
-            flowing.set()
-            stop_sending.set()
-            await task
             pid = info.get("victim", {}).get("pid")
             if pid:
                 _resume(pid)
@@ -153,14 +148,7 @@ async def kill_daemon(run: Run) -> dict:
 
     async with run.client() as client:
         await wait_warm(run, client)
-        task = asyncio.create_task(controller(client))
-        try:
-            load = await run_load(client, run.jobs(10 ** 6), opts.concurrency, opts.new_tokens, opts.deadline_s,
-                                  "kill-daemon", stop=stop_sending, on_token=lambda _o: flowing.set(), state=state)
-        finally:
-            flowing.set()
-            stop_sending.set()
-            await task
+        load = await _under_fault(run, opts, client, controller, "kill-daemon", stop_sending, flowing, state)
         status = await client.status(30)
     figures = tally(run, load)
     killed = info["killed_at"]
@@ -196,3 +184,17 @@ async def kill_daemon(run: Run) -> dict:
         target("lost", figures["lost"], "0", figures["lost"] == 0),
     ]
     return figures
+
+
+async def _under_fault(run, opts, client, controller, label: str, stop_sending: asyncio.Event,
+                       flowing: asyncio.Event, state: dict):
+    """The load at opts.concurrency until stop_sending, `controller(client)` injecting the fault
+    beside it; both ended (and the controller awaited) however the load ends."""
+    task = asyncio.create_task(controller(client))
+    try:
+        return await run_load(client, run.jobs(10 ** 6), opts.concurrency, opts.new_tokens, opts.deadline_s,
+                              label, stop=stop_sending, on_token=lambda _o: flowing.set(), state=state)
+    finally:
+        flowing.set()
+        stop_sending.set()
+        await task

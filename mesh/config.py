@@ -261,9 +261,6 @@ class CoordinatorConfig:
     heartbeat_s:        coordinator <-> node ping interval; liveness: silent intervals before a
                         node is declared dead (Paranoid Pirate)
     threads:            torch threads of the main model
-    event_loop:         the asyncio loop of the coordinator and the node daemons: "asyncio"
-                        (the standard library's) or "uvloop" (libuv); see the README for
-                        what each measured
     """
 
     host: str = setting("127.0.0.1", NOT_EMPTY)
@@ -278,7 +275,6 @@ class CoordinatorConfig:
     heartbeat_s: float = setting(1.0, above(0))
     liveness: int = setting(5, at_least(1))
     threads: int = setting(1, at_least(1))
-    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -858,15 +854,3 @@ def _apply_override(raw: dict[str, Any], key: str, value: object) -> None:
 def resolve_model_path(path: str) -> Path:
     """A `[model] path` value ("bundled", a folder) as the folder it names."""
     return ModelConfig(path=path or "bundled").resolved_path()
-
-
-def run_event_loop(coro, kind: str = "asyncio"):
-    """asyncio.run(coro) on the loop [coordinator] event_loop names ("asyncio" or "uvloop")."""
-    import asyncio
-
-    if kind == "uvloop":
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(coro)
-    return asyncio.run(coro)

@@ -41,7 +41,7 @@ import zmq.asyncio
 from allocator import keepalive as keep_alive
 from allocator.plan import FunctionSpec
 from mesh import planning
-from mesh.config import MeshConfig, resolve_model_path, run_event_loop
+from mesh.config import MeshConfig, resolve_model_path
 from mesh.control import bind_control, register_ack, spawn_request
 from mesh.device import move_model, resolve_device
 from mesh.engine_loop import Admit, Cancel, EngineLoop, Failed, Finished, Token
@@ -743,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, coordinator.stopping.set)
         await coordinator.serve(args.ready_file)
 
-    run_event_loop(run(), config.coordinator.event_loop)
+    asyncio.run(run())
     return 0
 
 

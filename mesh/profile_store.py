@@ -44,6 +44,30 @@ def ensure_profiles(config) -> Path | None:
     print(f"profiles: none measured for this host and model yet: measuring now, cached in {path} "
           "(set [policy] profiles = \"synthetic\" to skip)", file=sys.stderr, flush=True)
     result = run_profile(Settings(model=str(config.model.resolved_path()), period_us_compare=0,
-                                  out=DEFAULT_OUT, host=default_host()))
+                                  out=DEFAULT_OUT, host=default_host(), dtype=config.model.dtype,
+                                  **sized_for(config)))
     logging.getLogger("moemesh.profile").info("%s", render(result))
     return path
+
+
+def sized_for(config) -> dict:
+    """Profile settings whose functions can hold this model's experts: the memory sweep starts at
+    the smallest 0.25 GB multiple that holds one expert (weights x 1.25 + 0.15 GB of runtime after
+    the fork) and doubles three times; cold starts use the expert counts that fit 4 GB. For the
+    bundled model and Qwen-sized experts these are the defaults (0.25 .. 2 GB; 1, 2, 4, 16
+    experts at 1 GB); a Mixtral-sized expert (336 MB in bf16) sweeps 0.75 .. 6 GB."""
+    import math
+
+    from mesh.planning import dtype_bytes
+    from nodes.model.config import MoEConfig
+
+    model = MoEConfig.from_file(config.model.resolved_path())
+    expert_gb = 3 * model.hidden_size * model.expert_intermediate_size * dtype_bytes(config) / 2**30
+
+    def holding(experts: int) -> float:
+        return math.ceil((experts * expert_gb * 1.25 + 0.15) / 0.25) * 0.25
+
+    base = max(0.25, holding(1))
+    cold = tuple(n for n in (1, 2, 4, 16) if holding(n) <= 4.0) or (1,)
+    return {"memory": (base, 2 * base, 4 * base, 8 * base), "period_memory": base,
+            "cold_experts": cold, "cold_memory": max(1.0, holding(max(cold)))}

@@ -840,15 +840,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None, help="run records and worker logs (default: a new temp dir)")
     args = parser.parse_args(argv)
     setup_logging(f"daemon {args.node}")
-    from mesh.config import (  # the config module is only needed by the CLI
-        MeshConfig,
-        run_event_loop,
-    )
+    from mesh.config import MeshConfig  # the config module is only needed by the CLI
 
     config = MeshConfig.from_dict(json.loads(args.config_json))
     run_dir = args.run_dir or tempfile.mkdtemp(prefix=f"moemesh-{args.node}-")
     settings = DaemonSettings.from_config(config, args.node, args.control, run_dir)
-    return run_event_loop(NodeDaemon(settings).run(), config.coordinator.event_loop)
+    return asyncio.run(NodeDaemon(settings).run())
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--address", help="the meter's PUB endpoint, e.g. tcp://127.0.0.1:5560")
     source.add_argument("--demo", action="store_true", help="play synthetic snapshots; no mesh needed")
     parser.add_argument(
+        "--config", help="launch.toml whose [security] keys the feed dials with (CURVE: its first "
+                         "client_keys pair, as the SDK's MeshClient.from_config); default: plain")
+    parser.add_argument(
         "--interval", type=float, default=1.0,
         help="the meter's publish interval in seconds (stale after 3 without a snapshot)",
     )
@@ -32,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.demo:
         feed = FakeFeed(demo_payloads(start=time.time(), interval=args.interval), interval=args.interval)
     else:
-        feed = ZmqFeed(args.address, interval=args.interval)
+        config = None
+        if args.config:  # only for a secured mesh: the demo needs no mesh package
+            from mesh.config import load_config
+
+            config = load_config(args.config)
+        feed = ZmqFeed(args.address, interval=args.interval, config=config)
     make_app(feed, interval=args.interval).run()
     return 0

@@ -131,18 +131,21 @@ class ZmqFeed:
                silent for 3 intervals is dropped and redialled by libzmq.
     rcvhwm:    messages queued before libzmq drops; kept small because only the newest
                snapshot matters (CONFLATE would do that, but not for multipart messages).
+    config:    a MeshConfig (`--config launch.toml`): the feed dials with its [security]
+               client keys where CURVE is on, as the SDK does; None: plain.
     """
 
     address: str
     interval: float = 1.0
     rcvhwm: int = 4
+    config: object = None  # a MeshConfig: dial with its [security] keys (CURVE) where it says so
     dropped: int = field(default=0, init=False)  # snapshots skipped by draining to the newest
 
     async def __aiter__(self) -> AsyncIterator[FeedEvent]:
         protocol = await _load_protocol()
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.SUB)
-        importlib.import_module("mesh.sockets").harden(sock, "metrics", connect=self.address)
+        importlib.import_module("mesh.sockets").harden(sock, "metrics", self.config, connect=self.address)
         sock.linger = 0
         sock.rcvhwm = self.rcvhwm
         sock.heartbeat_ivl = max(int(self.interval * 1000), 100)

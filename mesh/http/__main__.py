@@ -22,7 +22,7 @@ from mesh.http.app import make_app
 async def serve(config: MeshConfig, client_address: str, port: int | None = None) -> None:
     http = config.http
     app = make_app(client_address, http.resolved_model_name(config.model), http.max_concurrent_requests,
-                   timeout_s=config.coordinator.request_timeout_s + 5.0)
+                   timeout_s=config.coordinator.request_timeout_s + 5.0, config=config)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, http.host, http.resolved_port(config.coordinator) if port is None else port)

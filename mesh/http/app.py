@@ -42,9 +42,13 @@ LIVENESS = 3  # failed pings in a row before the mesh counts as down (503 withou
 class MeshLink:
     """The SDK client and whether the coordinator answers pings (Paranoid Pirate style)."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, config=None) -> None:
+        """config: a MeshConfig whose [security] keys the link dials with (CURVE where it says
+        so, as MeshClient.from_config); None: plain."""
         self.address = address
-        self.client = MeshClient(address, timeout_s=timeout_s, connect_timeout_s=PING_TIMEOUT_S)
+        kwargs = {"timeout_s": timeout_s, "connect_timeout_s": PING_TIMEOUT_S}
+        self.client = (MeshClient.from_config(address, config, **kwargs) if config is not None
+                       else MeshClient(address, **kwargs))
         self.failures = 0
         self.task: asyncio.Task | None = None
 
@@ -289,10 +293,12 @@ def _error_response(err: ApiError) -> web.Response:
     return web.json_response(err.body(), status=err.status)
 
 
-def make_app(client_address: str, model_name: str, max_concurrent: int = 64, timeout_s: float = 125.0) -> web.Application:
-    """The application; its MeshClient connects on start-up (a mesh that is down gives 503s)."""
+def make_app(client_address: str, model_name: str, max_concurrent: int = 64, timeout_s: float = 125.0,
+             config=None) -> web.Application:
+    """The application; its MeshClient connects on start-up (a mesh that is down gives 503s),
+    with `config`'s [security] keys when given (a CURVE mesh)."""
     app = web.Application()
-    link = MeshLink(client_address, timeout_s)
+    link = MeshLink(client_address, timeout_s, config)
     server = Server(link, model_name, max_concurrent)
 
     async def lifecycle(app: web.Application):

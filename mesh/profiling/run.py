@@ -41,6 +41,8 @@ def run_profile(s: Settings) -> dict:
     {"path", "fits_png", "period_png", "profiles", "fit", "rows", "cold", "periods", "enforced",
     "skipped", "data"} (data: the JSON written; render() prints it)."""
     overrides: dict[str, object] = {"model.path": s.model} if s.model else {}
+    if s.dtype:
+        overrides["model.dtype"] = s.dtype
     if s.period_us is not None:
         overrides["functions.cfs_period_us"] = s.period_us
     config = load_config(s.config, overrides)

@@ -14,6 +14,7 @@ ASSUMED = ("gpu_expert", "dense", "main_cold_start", "runtime_gb")  # left as Pr
 @dataclasses.dataclass
 class Settings:
     model: str | None = None  # None: the config's [model] path ("bundled" by default)
+    dtype: str | None = None  # None: the config's [model] dtype (the served mesh's: what its functions load)
     memory: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # GB of the swept functions
     tokens: tuple[int, ...] = (1, 4, 16, 64)  # rows per call
     calls: int = 50  # calls per (memory, tokens) point

@@ -16,6 +16,7 @@ is our `mlp.experts.N.gate_proj`). Every error names the file, the tensor and wh
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -42,6 +43,76 @@ _BUFFERS = ("e_score_correction_bias",)  # stored in checkpoints, registered as 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match its config: missing tensor, wrong shape, bad index."""
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """One .safetensors file read with pread, each tensor straight into its destination.
+
+    `safe_open(...).get_tensor` reads a tensor into a fresh allocation that the loader then
+    copies into its parameter (twice the tensor in anonymous memory at the peak), and a mapping
+    of the file keeps its pages in the process: either way an expert function's memory limit
+    had to hold its weights twice (a Mixtral-sized expert is 336 MB in bf16, and its 0.75 GB
+    function was OOM-killed at weight load). `read_into` fills the parameter from the file
+    directly; the page cache it passes through is not mapped, so the kernel reclaims it first.
+    The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the data.
+    """
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            self.header = json.loads(f.read(size))
+        self.base = 8 + size
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def meta(self, name: str) -> tuple[torch.dtype, list[int], int, int]:
+        meta = self.header.get(name)
+        if meta is None or meta.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: no readable tensor {name!r} in its header")
+        begin, end = meta["data_offsets"]
+        return SAFETENSORS_DTYPES[meta["dtype"]], list(meta["shape"]), begin, end
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.meta(name)
+        out = torch.empty(shape, dtype=dtype)
+        self._read(begin, end, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor) -> bool:
+        """Fill `out` (contiguous, CPU) with the tensor if it has the file's dtype and shape; False
+        (nothing read) where it does not, and the caller converts."""
+        dtype, shape, begin, end = self.meta(name)
+        if dtype != out.dtype or list(out.shape) != shape or not out.is_contiguous() or out.device.type != "cpu":
+            return False
+        self._read(begin, end, out)
+        return True
+
+    def _read(self, begin: int, end: int, out: torch.Tensor) -> None:
+        if end == begin:
+            return
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        if len(view) != end - begin:
+            raise CheckpointError(f"{self.path}: tensor data of {end - begin} bytes for {len(view)} expected")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], self.base + begin + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: file ends inside a tensor (truncated?)")
+            done += n
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except (OSError, AttributeError):
+            pass
 
 
 def to_ours(family: str, hf_name: str) -> str:
@@ -95,8 +166,7 @@ class Checkpoint:
     def names(self) -> list[str]:
         return sorted(self._file_of)
 
-    def read(self, name: str, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
-        """One tensor by our name, checked against `shape`, cast to the checkpoint dtype."""
+    def _handle(self, name: str) -> tuple[SafetensorsFile, str]:
         file = self._file_of.get(name)
         if file is None:
             raise CheckpointError(
@@ -107,16 +177,36 @@ class Checkpoint:
         if handle is None:
             if not file.exists():
                 raise CheckpointError(f"{file}: shard listed in the index is missing (holds {name!r})")
-            handle = self._handles[file] = safe_open(file, "pt")
-        tensor = handle.get_tensor(self._hf_name[name])
-        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            handle = self._handles[file] = SafetensorsFile(file)
+        return handle, self._hf_name[name]
+
+    def _check_shape(self, handle: SafetensorsFile, hf_name: str, shape) -> None:
+        stored = handle.meta(hf_name)[1]
+        if shape is not None and tuple(stored) != tuple(shape):
             raise CheckpointError(
-                f"{file}: tensor {self._hf_name[name]!r} has shape {tuple(tensor.shape)}, "
+                f"{handle.path}: tensor {hf_name!r} has shape {tuple(stored)}, "
                 f"expected {tuple(shape)} from {self.path / 'config.json'}"
             )
+
+    def read(self, name: str, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
+        """One tensor by our name, checked against `shape`, cast to the checkpoint dtype."""
+        handle, hf_name = self._handle(name)
+        self._check_shape(handle, hf_name, shape)
+        tensor = handle.get(hf_name)
         self.tensors_read.append(name)
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor.to(self.dtype)
+
+    def read_into(self, name: str, target: torch.Tensor) -> None:
+        """target <- the tensor by our name (shape checked), read straight into it when the file
+        holds it in target's dtype, else read and cast."""
+        handle, hf_name = self._handle(name)
+        self._check_shape(handle, hf_name, target.shape)
+        if handle.read_into(hf_name, target):
+            self.tensors_read.append(name)
+            self.bytes_read += target.numel() * target.element_size()
+        else:
+            target.copy_(self.read(name, target.shape))
 
     def _fill(self, module: nn.Module, prefix: str) -> None:
         expected = dict(module.named_parameters(remove_duplicate=True))
@@ -126,7 +216,7 @@ class Checkpoint:
                 full = prefix + name
                 if full == "lm_head.weight" and self.config.tie_word_embeddings:
                     continue
-                target.copy_(self.read(full, target.shape))
+                self.read_into(full, target)
 
     def load_model(self, skip_experts: bool = False,
                    experts: Iterable[tuple[int, int]] | None = None) -> MoEModel:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -103,8 +104,9 @@ class Dispatch:
     counts: torch.Tensor
     num_tokens: int
 
-    @property
+    @cached_property
     def offsets(self) -> list[int]:
+        """[E + 1] first row of each expert (computed once: the executor reads it per function)."""
         return [0, *torch.cumsum(self.counts, 0).tolist()]
 
     def active_experts(self) -> list[int]:

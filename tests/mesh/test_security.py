@@ -428,3 +428,29 @@ def test_a_whole_mesh_runs_under_curve_and_refuses_a_keyless_client(tiny_model, 
 
         with pytest.raises(MeshError):
             asyncio.run(keyless())
+
+        async def dashboard_feed():  # the TUI's SUB dials the meter's PUB with the config's keys
+            from tui.feed import Snapshot, ZmqFeed
+
+            async for event in ZmqFeed(mesh.endpoints["metrics"], interval=0.5, config=mesh.config):
+                if isinstance(event, Snapshot):
+                    return event.payload
+
+        snapshot = asyncio.run(asyncio.wait_for(dashboard_feed(), 60))
+        assert snapshot["data_plane"]["replies"] > 0
+
+        async def http_front_end(config):  # the HTTP front end's link to the coordinator
+            import aiohttp
+
+            from mesh.http.app import make_app
+            from tests.mesh.test_http import _serve
+
+            runner, url = await _serve(make_app(address, "tiny", config=config))
+            try:
+                async with aiohttp.ClientSession() as session, session.get(url + "/health") as r:
+                    return r.status
+            finally:
+                await runner.cleanup()
+
+        assert asyncio.run(http_front_end(mesh.config)) == 200  # dials with the config's keys
+        assert asyncio.run(http_front_end(None)) == 503  # keyless: refused by the coordinator
