@@ -9,7 +9,9 @@ Entry point: :func:`plan`. What it adds to Remoe (allocator.remoe), in order:
    forecast). A second Remoe candidate is built from the hedged forecast with a wider
    worst-case constant ``hoeffding * (2 - c)``, which keeps more experts local when c is low.
 2. **Best start.** Candidates: Remoe, hedged Remoe, MIX (every expert resident on the main
-   function's CPU) and all-local; the best key wins.
+   function's CPU), all-local and Remoe's CPU-only layout (every expert remote, one function
+   per layer at one vCPU or more: where experts dominate memory and the main function is billed
+   while it waits, a small main beats every split the utility ranking makes); the best key wins.
 3. **Keep-alive reuse.** A warm instance whose experts the plan serves remotely (or locally)
    in one layer is carved out into a function reusing it (same id, experts, memory, node):
    no cold start, no INIT. Kept only when the key improves; tried again after step 5.
@@ -34,7 +36,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from allocator import baselines, remoe
+from allocator import baselines, paper_baselines, remoe
 from allocator.cost import Loads, annotate, estimate
 from allocator.model import SLO, Cluster, WarmInstance, Workload
 from allocator.plan import FunctionSpec, MainSpec, Plan
@@ -283,6 +285,7 @@ def plan(
         "remoe": lambda: remoe.plan(forecast, profiles, slo, cluster, workload, **options),
         "mix": lambda: baselines.mix(forecast, profiles, slo, cluster, workload),
         "all-local": lambda: baselines.all_local(forecast, profiles, slo, cluster, workload),
+        "cpu-only": lambda: paper_baselines.cpu_only(forecast, profiles, slo, cluster, workload),
     }
     if confidence < 1.0:
         uniform = np.full_like(forecast.distribution, 1.0 / shape.experts_per_layer)

@@ -153,15 +153,15 @@ def raw_round_trip(peers: int, calls: int, nbytes: int, rounds: int = 300) -> fl
     return statistics.mean(times)
 
 
-def cold_start(spawn: str, extra: dict, repeats: int = 3) -> dict:
+def cold_start(spawn: str, extra: dict, repeats: int = 3, log_dir: Path | None = None) -> dict:
     """One function (static split, one expert), cold-started `repeats` times: each time the
-    request finds it scaled to zero after its 1 s keep-alive."""
+    request finds it scaled to zero after its 1 s keep-alive. Logs in log_dir (None: none)."""
     config = load_config(None, {
         "coordinator.client_port": 0, "coordinator.control_port": 0, "coordinator.metrics_port": 0,
         "policy.name": "static-split", "policy.remote": [[0, 0]], "functions.spawn": spawn,
         **extra, "functions.keep_alive_s": 1.0,
     })
-    with Mesh(config, quiet=True) as mesh:
+    with Mesh(config, log_dir=log_dir, quiet=True) as mesh:
         endpoints = mesh.start(180)
 
         async def run():
@@ -176,7 +176,8 @@ def cold_start(spawn: str, extra: dict, repeats: int = 3) -> dict:
                 return status
 
         status = asyncio.run(run())
-    cold = status["cold_starts"]
+    # function instances only: experts loaded into the main function on demand are listed too
+    cold = [c for c in status["cold_starts"] if c.get("instance_id") != "main"]
     totals = [c["total_s"] for c in cold]
     # medians: the very first zygote start also waits for the zygote's own warm-up (torch import)
     stages = {k: statistics.median(c["stages"][k] for c in cold) for k in cold[0]["stages"]}
@@ -267,7 +268,7 @@ def run(prompts: list[str], new_tokens: int, out: Path, extra: dict, progress, p
     local = in_process_decode(prompts, new_tokens, extra, levels)
     progress(1, total, "mesh (all-remote, zygote): decode, throughput")
     spy = None
-    with Mesh(mesh_config(extra), quiet=True) as mesh:
+    with Mesh(mesh_config(extra), log_dir=out / "logs" / "all-remote", quiet=True) as mesh:
         endpoints = mesh.start(300)
         if profile:
             spy = Spy(mesh.coordinator.pid, out / "profile-coordinator.txt")
@@ -276,9 +277,9 @@ def run(prompts: list[str], new_tokens: int, out: Path, extra: dict, progress, p
     progress(2, total, "raw ZeroMQ round trips")
     sg = scatter_gather(remote["status"]["rounds"])
     progress(3, total, "cold starts: zygote")
-    zygote = cold_start("zygote", extra)
+    zygote = cold_start("zygote", extra, log_dir=out / "logs" / "cold-zygote")
     progress(4, total, "cold starts: fresh process")
-    fresh = cold_start("fresh", extra)
+    fresh = cold_start("fresh", extra, log_dir=out / "logs" / "cold-fresh")
     progress(5, total, "done")
 
     mesh_tpot = statistics.median(remote["tpot_s"])
@@ -318,9 +319,12 @@ def report(result: dict) -> str:
                      f"-> {v['ratio_vs_floor']:.2f}x floor, {v['ratio_vs_raw']:.2f}x raw")
     lines.append(f"cold start (median): zygote {c['zygote']['median_s'] * 1e3:.0f} ms vs fresh process "
                  f"{c['fresh']['median_s'] * 1e3:.0f} ms -> fresh is {c['ratio_fresh_over_zygote']:.1f}x slower")
+    def rate(v: float) -> str:  # a realistic-size model makes 1-2 tokens/s here
+        return f"{v:.0f}" if v >= 10 else f"{v:.2f}"
+
     for level, t in result["throughput"]["levels"].items():
-        lines.append(f"throughput at concurrency {level}: mesh {t['mesh_tokens_per_s']:.0f} tokens/s vs in-process "
-                     f"{t['in_process_tokens_per_s']:.0f} -> {t['ratio_vs_in_process']:.2f}x "
+        lines.append(f"throughput at concurrency {level}: mesh {rate(t['mesh_tokens_per_s'])} tokens/s vs in-process "
+                     f"{rate(t['in_process_tokens_per_s'])} -> {t['ratio_vs_in_process']:.2f}x "
                      f"({t['ratio_vs_concurrency_1']:.1f}x the mesh at concurrency 1)")
     if "profile" in result:
         lines.append(f"coordinator profile: {result['profile']['file']} (top functions in {result['profile']['table']})")

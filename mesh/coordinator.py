@@ -142,7 +142,6 @@ class Coordinator:
         self.baseline_main_gb = planning.all_local_main_gb(config, model_config, self.profiles)
         self.main = MainExperts(self.model, self.checkpoint, self._main_changed)
         self.main.load(self.plan.local, pin=True)
-        self.registry.set_plan(self.plan)
         self._main_changed(self.main.held_bytes(), len(self.main.held()))
         self.meter.policy = planning.describe(self.plan)
         self.tokenizer = Tokenizer.from_dir(self.model_path) if (self.model_path / "tokenizer.json").exists() else None
@@ -158,6 +157,7 @@ class Coordinator:
         )
         self.executor = MeshExecutor(self.registry, self.meter, settings, zmq.Context(), main=self.main)
         self.executor.num_moe_layers = self.model.config.num_moe_layers
+        self._adopt(self.plan)
         self.engine = Engine(self.model, self.executor, max_batch=config.coordinator.max_batch)
         self.nodes: dict[str, Node] = {}
         self.drops: list[float] = []  # when a control-socket peer dropped its connection, to judge (_tick)
@@ -244,12 +244,24 @@ class Coordinator:
         if loaded:
             self.meter.main_loaded(loaded, seconds, "re-plan")
         self.plan, self.workload = plan, workload
-        self.registry.set_plan(plan)  # experts now remote are dropped once a warm function serves them
+        self._adopt(plan)  # experts now remote are dropped once a warm function serves them
         self._main_changed(self.main.held_bytes(), len(self.main.held()))
         self.meter.policy = planning.describe(plan, forecast)
         log.info("re-planned with %s in %.1f ms: %d local experts, %d functions (forecast by %s, confidence %.2f)",
                  plan.policy, (time.perf_counter() - start) * 1e3, len(plan.local), len(plan.functions),
                  forecast.source, forecast.confidence)
+
+    def _adopt(self, plan) -> None:
+        """The plan's functions are what the registry spawns and the executor calls, each with its
+        longest expected call (planning.call_bounds), which the executor waits for."""
+        bounds = planning.call_bounds(plan, self.profiles, self.config)
+        slow = {f: b for f, b in bounds.items() if b > self.config.policy.call_timeout_s}
+        if slow:
+            log.info("%d functions may compute a call for longer than policy.call_timeout_s = %.1f s: their replies "
+                     "are waited for up to %.1f s (%.0f x the profile's time of their biggest call)", len(slow),
+                     self.config.policy.call_timeout_s, max(slow.values()), planning.CALL_BOUND_FACTOR)
+        self.executor.call_bounds = bounds
+        self.registry.set_plan(plan)
 
     def _guarded_config(self) -> MeshConfig:
         """The meter overrules the estimator: once the `moemesh` policy has cost more on the meter

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -72,6 +73,7 @@ class Chunk:
     attempt: int = 0
     instance: Instance | None = None
     sent_at: float = 0.0
+    deadline: float = 0.0  # perf_counter() after which its reply is given up on
     call_id: int = 0
     _index: torch.Tensor | None = None
 
@@ -118,6 +120,8 @@ class MeshExecutor:
         self._segment_of_token = torch.zeros(0, dtype=torch.long)
         self._step_counts: torch.Tensor | None = None
         self.num_moe_layers = 0
+        self.call_bounds: dict[str, float] = {}  # function id -> its longest expected call, s (planning.call_bounds)
+        self._due = math.inf  # the earliest deadline among the gather's pending calls, or earlier
         self._record: RoundRecord | None = None  # the round in progress
         self._seen_generation = -1
         self._seen_warm: set[str] = set()  # functions that have had a warm instance
@@ -378,6 +382,8 @@ class MeshExecutor:
             log.warning("call to %s not sent (%s); computing in the main function", inst.instance_id, exc)
             return False
         chunk.instance, chunk.sent_at, chunk.call_id = inst, time.perf_counter(), call_id
+        chunk.deadline = chunk.sent_at + max(self.settings.call_timeout_s, self.call_bounds.get(chunk.function_id, 0.0))
+        self._due = min(self._due, chunk.deadline)
         self._record.shm_calls += msg.x_shm is not None
         pending[call_id] = chunk
         self._record.calls += 1
@@ -389,10 +395,12 @@ class MeshExecutor:
         of `cold` functions as soon as each is warm (or leave them to the main function once it
         failed or cold_start_wait_s passed). Sleeps in one poll over the calls' sockets and the
         registry's wake fd: a reply or a registry change (an instance warm or gone) wakes it,
-        nothing else does; without a wake fd it re-checks every poll_slice_s. Returns the rows
-        sent to cold functions."""
+        nothing else does; without a wake fd it re-checks every poll_slice_s. Each call is given
+        up on at its own deadline: sent_at + the larger of call_timeout_s and its function's
+        longest expected call (call_bounds), so a call sent late to a function that was cold
+        gets its whole timeout. Returns the rows sent to cold functions."""
         now = time.perf_counter()
-        deadline = now + self.settings.call_timeout_s
+        self._due = min((c.deadline for c in pending.values()), default=math.inf)  # <= every pending deadline
         cold_deadline = now + self.settings.cold_start_wait_s
         poller = zmq.Poller()
         for sock in {id(self.sockets[c.instance.instance_id]): self.sockets[c.instance.instance_id]
@@ -406,14 +414,15 @@ class MeshExecutor:
         sent = self._send_cold(cold, plan, layer, pending, fallback, poller, now >= cold_deadline)
         while pending or cold:
             now = time.perf_counter()
-            left = min(deadline, cold_deadline if cold else deadline) - now
+            left = min(self._due, cold_deadline if cold else math.inf) - now
             if left <= 0:
-                if now >= deadline:
-                    for call_id in list(pending):
-                        self._record.late += 1
-                        self._failed(pending.pop(call_id), "no reply within call_timeout_s", plan, layer,
-                                     pending, fallback, poller)
-                    deadline = now + self.settings.call_timeout_s
+                if now >= self._due:
+                    for call_id, chunk in list(pending.items()):
+                        if chunk.deadline <= now:
+                            self._record.late += 1
+                            self._failed(pending.pop(call_id), "no reply within its timeout (policy.call_timeout_s)",
+                                         plan, layer, pending, fallback, poller)
+                    self._due = min((c.deadline for c in pending.values()), default=math.inf)
                 sent += self._send_cold(cold, plan, layer, pending, fallback, poller, now >= cold_deadline)
                 continue
             events = poller.poll(max(1, int(min(left, slice_s) * 1000 + 0.999)))

@@ -69,6 +69,31 @@ def main_billed_gb(held_bytes: int, config: MeshConfig, profiles: Profiles,
     return cluster.grid.round_up(need, maximum_gb=cluster.main.capacity_gb)
 
 
+CALL_BOUND_FACTOR = 4.0  # a reply is waited for this many times its call's expected compute
+
+
+def call_bounds(plan: Plan, profiles: Profiles, config: MeshConfig) -> dict[str, float]:
+    """Seconds to wait for a reply from each of the plan's functions: CALL_BOUND_FACTOR x the
+    expected compute of the biggest call the executor sends it (the payload cap's rows, or
+    micro_batch_tokens), spread over its experts, at its CPU share. The expert profile's time at
+    full speed (the memory of `threads_per_function` vCPUs) is scaled by 1 / CPU share below it:
+    the fitted curves are only trusted inside the measured sizes (the exponential explodes below
+    them). On the bundled model every bound is under policy.call_timeout_s; a Mixtral-sized
+    expert (2.3 s for 64 rows on one core in bf16 here) computes a prefill call for tens of
+    seconds at half a vCPU, which a 5 s timeout would give up on and recompute."""
+    p, f = config.policy, config.functions
+    rows = max(1, p.payload_cap_bytes // max(1, profiles.shape.activation_bytes))
+    if p.micro_batch_tokens:
+        rows = min(rows, p.micro_batch_tokens)
+    full_gb = f.gb_per_vcpu * f.threads_per_function
+    full_s = float(profiles.expert.curve(full_gb))  # one expert, one token, at full speed
+    bounds = {}
+    for spec in plan.functions:
+        one = full_s * max(1.0, full_gb / spec.memory_gb)
+        bounds[spec.id] = CALL_BOUND_FACTOR * one * (len(spec.experts) + profiles.expert.token_slope * rows)
+    return bounds
+
+
 def dtype_bytes(config: MeshConfig) -> int:
     """Bytes per weight of `[model] dtype`, as the coordinator and the functions hold them."""
     return {"float32": 4, "float16": 2, "bfloat16": 2}[config.model.dtype]

@@ -55,7 +55,9 @@ def sized_for(config) -> dict:
     the smallest 0.25 GB multiple that holds one expert (weights x 1.25 + 0.15 GB of runtime after
     the fork) and doubles three times; cold starts use the expert counts that fit 4 GB. For the
     bundled model and Qwen-sized experts these are the defaults (0.25 .. 2 GB; 1, 2, 4, 16
-    experts at 1 GB); a Mixtral-sized expert (336 MB in bf16) sweeps 0.75 .. 6 GB."""
+    experts at 1 GB); a Mixtral-sized expert (336 MB in bf16) sweeps 0.75 .. 6 GB, with fewer calls
+    per point (a 64-row call of it takes seconds at 0.75 vCPU: 50 calls of each size would take
+    half an hour; 8 take about two minutes in all)."""
     import math
 
     from mesh.planning import dtype_bytes
@@ -69,5 +71,7 @@ def sized_for(config) -> dict:
 
     base = max(0.25, holding(1))
     cold = tuple(n for n in (1, 2, 4, 16) if holding(n) <= 4.0) or (1,)
+    calls = 50 if expert_gb < 0.05 else 8
     return {"memory": (base, 2 * base, 4 * base, 8 * base), "period_memory": base,
-            "cold_experts": cold, "cold_memory": max(1.0, holding(max(cold)))}
+            "cold_experts": cold, "cold_memory": max(1.0, holding(max(cold))),
+            "calls": calls, "rounds": min(10, calls // 2)}

@@ -29,8 +29,12 @@ Sockets (all with linger 0, except a last word to the daemon, which may wait 1 s
 Liveness: the daemon pings every ready worker each 0.25 s and the serving loop below answers
 Pong itself, so the Pong is the loop's own heartbeat: a frozen loop (SIGSTOP, a deadlock, a
 call that never returns) goes silent while its sockets stay open, and the daemon kills it
-after `hung_after_s` (nodes.daemon). A call's compute runs inline, so one call must stay well
-under that (the bundled model's take milliseconds).
+after `hung_after_s` (nodes.daemon). A call's compute runs inline on this loop; a long one (a
+Mixtral-sized expert takes 2.3 s for 64 rows on a core in bf16 here, longer at a fraction of a
+vCPU) is computed in pieces of rows that each take about PIECE_S, and the daemon's Pings are
+answered between pieces, so a busy loop still answers and a frozen one does not. The piece size
+is learned from the call's own first rows (the bundled model's calls take milliseconds: one
+piece, no split).
 
 The serving loop is a plain synchronous `zmq.Poller` loop with torch computing inline on one
 thread (DESIGN "Transport rules": a blocking loop beats asyncio on the hot path; STYLE's I/O
@@ -95,6 +99,8 @@ EXIT_OK = 0
 EXIT_FAILED = 2
 SENTINEL_LINGER_MS = 1000  # how long a last word to the daemon may wait to be delivered
 POLL_SLICE_S = 0.5  # longest poll: how soon a worker notices its parent is gone
+PIECE_S = 0.5  # a long call is computed in row pieces of about this long, Pings answered between
+FIRST_PIECE_ROWS = 2  # rows timed first where the row time is not known yet (a Mixtral-sized expert: ~70 ms a core)
 DRAIN_BATCH = 64  # messages handled per socket per wake-up before the other socket's turn
 
 
@@ -325,6 +331,8 @@ class Server:
         self.calls = 0
         self.busy_s = 0.0
         self.shm = ShmMaps()  # callers' shared-memory segments (big calls on this host: mesh/shm.py)
+        self.row_s: float | None = None  # seconds per row of one expert in a long call (learned)
+        self._deferred: list[list[bytes]] = []  # daemon messages read between pieces, handled by the loop
 
     def serve(self) -> str:
         """Returns why it stopped: "idle", "requested" or "orphaned"."""
@@ -348,7 +356,7 @@ class Server:
             if self.data in events:
                 if self._drain_data():
                     last_call = time.monotonic()
-            if self.control in events:
+            if self.control in events or self._deferred:
                 stop = self._drain_control()
                 if stop:
                     log.info("instance %s stopping: %s", self.spec.instance_id, stop)
@@ -423,28 +431,68 @@ class Server:
     def _compute(self, layer: int, expert_ids: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
         """x [sum(counts), H] rows of each expert in turn -> y [sum(counts), H] in x's dtype, on the host."""
         cast = x.dtype != self.dtype or x.device != self.device
-        if len(expert_ids) == 1:  # the common call: one expert's rows, no split, no gather
+        if len(expert_ids) == 1 and self._short(x.shape[0]):  # the common call: no split, no gather
             rows = x.to(self.device, self.dtype) if cast else x
             y = self.experts[(layer, expert_ids[0])](rows)
             return (y.to(x.dtype).cpu() if cast else y).contiguous()  # .cpu(): waits for a GPU
         y = torch.empty_like(x)
         start = 0
         for expert, n in zip(expert_ids, counts, strict=True):
-            if n:
-                rows = x[start:start + n]
-                y[start:start + n] = self.experts[(layer, expert)](rows.to(self.device, self.dtype) if cast else rows)
+            mlp = self.experts[(layer, expert)]
+            done = 0
+            while done < n:
+                piece = n - done if self._short(n - done) else self._piece_rows()
+                rows = x[start + done:start + done + piece]
+                began = time.perf_counter()
+                out = mlp(rows.to(self.device, self.dtype) if cast else rows)
+                y[start + done:start + done + piece] = out.to(x.dtype) if cast else out  # waits for a GPU
+                self._timed(piece, time.perf_counter() - began)
+                done += piece
+                self._answer_pings()
             start += n
         return y
+
+    def _short(self, rows: int) -> bool:
+        """Whether `rows` rows of one expert compute well within PIECE_S (unknown: FIRST_PIECE_ROWS do)."""
+        return rows <= FIRST_PIECE_ROWS if self.row_s is None else rows * self.row_s <= PIECE_S
+
+    def _piece_rows(self) -> int:
+        return FIRST_PIECE_ROWS if self.row_s is None else max(1, int(PIECE_S / self.row_s))
+
+    def _timed(self, rows: int, seconds: float) -> None:
+        """Seconds per row of one expert, from pieces of FIRST_PIECE_ROWS rows or more (a piece of
+        few rows is dominated by the weights' read, so this errs toward smaller pieces); the
+        slowest recent figure counts, so a throttled piece shrinks the next ones at once."""
+        if rows >= FIRST_PIECE_ROWS or self.row_s is None:
+            per_row = seconds / rows
+            self.row_s = per_row if self.row_s is None else max(per_row, 0.8 * self.row_s)
+
+    def _answer_pings(self) -> None:
+        """Between the pieces of a long call: Pong the daemon's Pings (anything else waits for the loop)."""
+        while self.control.poll(0):
+            frames = self.control.recv_multipart(flags=zmq.NOBLOCK)
+            try:
+                msg = decode(frames)
+            except ProtocolError as exc:
+                log.warning("dropped an undecodable message from the daemon: %s", exc)
+                continue
+            if isinstance(msg, Ping):
+                self.control.send_multipart(encode(Pong(msg.seq)))
+            else:
+                self._deferred.append(frames)
 
     # -- control ------------------------------------------------------------------------------
 
     def _drain_control(self) -> str:
         """Handle the daemon's messages; the stop reason if one asked to stop, else ""."""
         for _ in range(DRAIN_BATCH):
-            try:
-                frames = self.control.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return ""
+            if self._deferred:  # read between the pieces of a long call
+                frames = self._deferred.pop(0)
+            else:
+                try:
+                    frames = self.control.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    return ""
             try:
                 msg = decode(frames)
             except ProtocolError as exc:

@@ -50,7 +50,7 @@ def run_profile(s: Settings) -> dict:
     model_path = config.model.resolved_path()
     model_name = model_path.resolve().name
     model = MoEConfig.from_file(model_path)
-    shape = planning.model_shape(model, name=model_name)
+    shape = planning.model_shape(model, planning.dtype_bytes(config), name=model_name)  # as the functions hold it
     if max(s.cold_experts) > model.num_experts * model.num_moe_layers or min(s.cold_experts) < 1:
         raise MeshError(f"--cold-experts {','.join(map(str, s.cold_experts))}: {model_name} has "
                         f"{model.num_experts * model.num_moe_layers} experts", code="config_error",

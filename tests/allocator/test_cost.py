@@ -157,3 +157,25 @@ def test_gpu_main_bills_host_experts_at_the_cpu_price(shape, profiles, gpu_clust
     assert mixed.params["estimate"]["cpu_gb_s"] > 0
     assert gpu_only.params["estimate"]["cpu_gb_s"] == 0
     assert gpu_only.params["estimate"]["tpot_s"] < mixed.params["estimate"]["tpot_s"]
+
+
+def test_parallel_functions_share_the_function_nodes_cpus():
+    """Top-2 of 2 experts, each in its own 1 GB (1 vCPU) function: both are called on every
+    token. With 2 vCPUs of function nodes they compute side by side (the layer waits for the
+    slower: 10 ms + 2 ms transfer); with 1 vCPU they take turns, and the layer takes at least
+    their work together over it (2 x 10 ms)."""
+    from dataclasses import replace
+
+    profiles = replace(hand_profiles(), shape=ModelShape(1, 2, 2, 64, 1_000_000, 1_000_000, 0, 128, "hand"))
+    workload = Workload(4, 2)
+    forecast = Forecast(np.array([[0.5, 0.5]]), np.array([[6.0, 6.0]]), 1.0)
+    plan = Plan("two", MainSpec(1.0, "cpu"), frozenset(),
+                (FunctionSpec("a", ((0, 0),), 1.0), FunctionSpec("b", ((0, 1),), 1.0)))
+    loads = Loads.from_forecast(forecast, workload, 2)
+
+    def layer_decode(cpus: int) -> float:
+        cluster = Cluster((Node("main", "cpu", 8.0, 1), Node("n", "cpu", 8.0, cpus)), "main")
+        return estimate(plan, loads, profiles, cluster, workload).layer_decode_s[0]
+
+    assert layer_decode(2) == pytest.approx(0.012)
+    assert layer_decode(1) == pytest.approx(0.020)
