@@ -513,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=0,
                     help="requests sent before the replay, outside the measurement (0: cold starts count)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--preset", metavar="NAME[:LAYERS]",
+                    help="run on a realistic-size synthetic checkpoint in bf16 (moemesh synth; generated on "
+                         "first use in checkpoints/), e.g. qwen1.5-moe-a2.7b:4")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a launch.toml key in every run, e.g. functions.cgroups=off")
     args = ap.parse_args(argv)
@@ -536,7 +539,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"moemesh compare: unknown policies {unknown}; known: {', '.join(KNOWN_POLICIES)}", file=sys.stderr)
         return 2
-    extra = parse_overrides(args.set)
+    extra: dict[str, object] = {}
+    if args.preset:
+        from nodes.synth import ensure_checkpoint
+
+        name, _, layers = args.preset.partition(":")
+        extra = {"model.path": str(ensure_checkpoint(name, int(layers) if layers else None).resolve()),
+                 "model.dtype": "bfloat16"}
+    extra.update(parse_overrides(args.set))
     modes = ["instance", "invocation"] if args.billing == "both" else [args.billing]
     keep_alives = _keep_alives(args.keep_alive)
     reference = None
