@@ -32,9 +32,9 @@ call that never returns) goes silent while its sockets stay open, and the daemon
 after `hung_after_s` (nodes.daemon). A call's compute runs inline on this loop; a long one (a
 Mixtral-sized expert takes 2.3 s for 64 rows on a core in bf16 here, longer at a fraction of a
 vCPU) is computed in pieces of rows that each take about PIECE_S, and the daemon's Pings are
-answered between pieces, so a busy loop still answers and a frozen one does not. The piece size
-is learned from the call's own first rows (the bundled model's calls take milliseconds: one
-piece, no split).
+answered between pieces, so a busy loop still answers and a frozen one does not. The row time
+starts from a pessimistic prior (the expert's flops at PRIOR_FLOPS x its CPU share) and is
+measured on each piece; the bundled model's calls take milliseconds and are never split.
 
 The serving loop is a plain synchronous `zmq.Poller` loop with torch computing inline on one
 thread (DESIGN "Transport rules": a blocking loop beats asyncio on the hot path; STYLE's I/O
@@ -100,7 +100,7 @@ EXIT_FAILED = 2
 SENTINEL_LINGER_MS = 1000  # how long a last word to the daemon may wait to be delivered
 POLL_SLICE_S = 0.5  # longest poll: how soon a worker notices its parent is gone
 PIECE_S = 0.5  # a long call is computed in row pieces of about this long, Pings answered between
-FIRST_PIECE_ROWS = 2  # rows timed first where the row time is not known yet (a Mixtral-sized expert: ~70 ms a core)
+PRIOR_FLOPS = 4e9  # a pessimistic core (bf16 matmuls here: 5-10 GFLOPS) for the row time before one is measured
 DRAIN_BATCH = 64  # messages handled per socket per wake-up before the other socket's turn
 
 
@@ -331,7 +331,11 @@ class Server:
         self.calls = 0
         self.busy_s = 0.0
         self.shm = ShmMaps()  # callers' shared-memory segments (big calls on this host: mesh/shm.py)
-        self.row_s: float | None = None  # seconds per row of one expert in a long call (learned)
+        # seconds per row of one expert: a pessimistic prior from its shape and CPU share (a
+        # SwiGLU expert is 6 x hidden x width flops a row), then measured on the pieces of long calls
+        width = next(iter(experts.values())).gate_proj.out_features if experts else 0
+        share = spec.cpu_share if spec.cpu_share > 0 else 1.0
+        self.row_s = 6.0 * (self.hidden or 0) * width / (PRIOR_FLOPS * min(share, spec.threads or 1))
         self._deferred: list[list[bytes]] = []  # daemon messages read between pieces, handled by the loop
 
     def serve(self) -> str:
@@ -453,22 +457,24 @@ class Server:
         return y
 
     def _short(self, rows: int) -> bool:
-        """Whether `rows` rows of one expert compute well within PIECE_S (unknown: FIRST_PIECE_ROWS do)."""
-        return rows <= FIRST_PIECE_ROWS if self.row_s is None else rows * self.row_s <= PIECE_S
+        """Whether `rows` rows of one expert compute within PIECE_S (the bundled model's always do,
+        by the prior: a call is split only where it may be long, so results stay bit-identical)."""
+        return rows * self.row_s <= PIECE_S
 
     def _piece_rows(self) -> int:
-        return FIRST_PIECE_ROWS if self.row_s is None else max(1, int(PIECE_S / self.row_s))
+        return max(1, int(PIECE_S / self.row_s))
 
     def _timed(self, rows: int, seconds: float) -> None:
-        """Seconds per row of one expert, from pieces of FIRST_PIECE_ROWS rows or more (a piece of
-        few rows is dominated by the weights' read, so this errs toward smaller pieces); the
-        slowest recent figure counts, so a throttled piece shrinks the next ones at once."""
-        if rows >= FIRST_PIECE_ROWS or self.row_s is None:
-            per_row = seconds / rows
-            self.row_s = per_row if self.row_s is None else max(per_row, 0.8 * self.row_s)
+        """Learn the row time from a piece: a slower piece (throttled, or a pessimistic prior too
+        low) counts at once, a faster one halves the gap, so the pieces grow toward PIECE_S."""
+        per_row = seconds / rows
+        self.row_s = per_row if per_row > self.row_s else 0.5 * (self.row_s + per_row)
 
     def _answer_pings(self) -> None:
-        """Between the pieces of a long call: Pong the daemon's Pings (anything else waits for the loop)."""
+        """Between the pieces of a long call: Pong the daemon's Pings (anything else waits for the loop).
+        A Server made without a control socket (a test of its compute alone) has none to answer."""
+        if self.control is None:
+            return
         while self.control.poll(0):
             frames = self.control.recv_multipart(flags=zmq.NOBLOCK)
             try:

@@ -59,15 +59,16 @@ def server(expert: SlowMLP, control: RecordingControl) -> Server:
 def test_a_long_call_answers_pings_between_pieces_and_defers_a_stop(monkeypatch):
     monkeypatch.setattr(worker_mod, "PIECE_S", 0.05)
     torch.manual_seed(0)
-    expert = SlowMLP(row_s=0.002)  # a piece of 0.05 s is 25 rows
+    expert = SlowMLP(row_s=0.002)
     control = RecordingControl(expert, [Ping(seq=1), StopFunction(instance_id="w", reason="requested"), Ping(seq=2)])
     srv = server(expert, control)
+    srv.row_s = 0.004  # as if the prior said so: a first piece of 0.05 s is 12 rows
     x = torch.randn(64, HIDDEN)
     with torch.inference_mode():
         y = srv._compute(0, [0], [64], x)
         want = MLP.forward(expert, x)
     assert torch.allclose(y, want, atol=1e-6)  # pieces change nothing in the result
-    assert expert.pieces[0] == worker_mod.FIRST_PIECE_ROWS and len(expert.pieces) >= 3 and sum(expert.pieces) == 64
+    assert expert.pieces[0] == 12 and len(expert.pieces) >= 3 and sum(expert.pieces) == 64
     # both Pings answered right after the first piece, inside the call; the stop is kept for the loop
     assert control.sent == [(1, Pong(1)), (1, Pong(2))]
     assert srv._drain_control() == "requested"
@@ -78,8 +79,8 @@ def test_a_short_call_is_one_piece(monkeypatch):
     control = RecordingControl(expert, [Ping(seq=7)])
     srv = server(expert, control)
     with torch.inference_mode():
-        srv._compute(0, [0], [2], torch.randn(2, HIDDEN))  # unknown speed: FIRST_PIECE_ROWS go whole
-        assert expert.pieces == [2] and control.sent == []  # the common path: no split, no control check
+        srv._compute(0, [0], [300], torch.randn(300, HIDDEN))  # a tiny expert's prior: never split
+        assert expert.pieces == [300] and control.sent == []  # the common path: no split, no control check
         srv.row_s = 1e-6
         srv._compute(0, [0, 0], [300, 5], torch.randn(305, HIDDEN))
     assert expert.pieces[1:] == [300, 5]  # known fast: each expert's rows in one piece
