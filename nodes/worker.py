@@ -477,14 +477,10 @@ class Server:
             return
         while self.control.poll(0):
             frames = self.control.recv_multipart(flags=zmq.NOBLOCK)
-            try:
-                msg = decode(frames)
-            except ProtocolError as exc:
-                log.warning("dropped an undecodable message from the daemon: %s", exc)
-                continue
+            msg = _from_daemon(frames)
             if isinstance(msg, Ping):
                 self.control.send_multipart(encode(Pong(msg.seq)))
-            else:
+            elif msg is not None:
                 self._deferred.append(frames)
 
     # -- control ------------------------------------------------------------------------------
@@ -499,10 +495,8 @@ class Server:
                     frames = self.control.recv_multipart(flags=zmq.NOBLOCK)
                 except zmq.Again:
                     return ""
-            try:
-                msg = decode(frames)
-            except ProtocolError as exc:
-                log.warning("dropped an undecodable message from the daemon: %s", exc)
+            msg = _from_daemon(frames)
+            if msg is None:
                 continue
             if isinstance(msg, StopFunction | Shutdown):
                 return msg.reason or type(msg).__name__
@@ -511,6 +505,15 @@ class Server:
             else:
                 log.warning("ignored %s from the daemon", type(msg).__name__)
         return ""
+
+
+def _from_daemon(frames: list):
+    """A daemon message, or None (logged) where it does not decode."""
+    try:
+        return decode(frames)
+    except ProtocolError as exc:
+        log.warning("dropped an undecodable message from the daemon: %s", exc)
+        return None
 
 
 def _call_id_of(frames: list) -> int | None:
