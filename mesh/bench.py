@@ -50,65 +50,90 @@ POLICIES = ("all-local", "mix", "all-remote", "static-split", "remoe", "moeless"
 
 
 def policy_replay(prompts: list[str], new_tokens: int, reference: list[list[int]], out: Path,
-                  traces: str | None = None, policies: tuple[str, ...] = POLICIES) -> dict:
+                  traces: str | None = None, policies: tuple[str, ...] = POLICIES, repeats: int = 1) -> dict:
     """Every policy on the same prompt replay: tokens against the in-process engine, billed GB-s
     (invocation mode: what the functions actually worked) and latency, the planner's estimate
     beside the meter's. Prompts run one after another so plans adapt from request to request.
-    static-split serves the upper half of every layer's experts remotely."""
+    static-split serves the upper half of every layer's experts remotely.
+
+    With repeats > 1 the policies run round after round (each round every policy once, so slow
+    spells of the host hit them alike); a policy's row is its median run by GB-s, with every
+    run's figures under "runs" and the spread of its cost against all-local's median."""
     from mesh.config import resolve_model_path
-    from mesh.estimate_vs_meter import components
     from nodes.model.config import MoEConfig
 
     model = MoEConfig.from_file(resolve_model_path(str(EXTRA.get("model.path", "bundled"))))
     half = model.num_experts // 2
     remote = [[layer, e] for layer in range(model.num_moe_layers) for e in range(half, model.num_experts)]
+    runs: dict[str, list[dict]] = {p: [] for p in policies}
+    total = len(policies) * repeats
+    for r in range(repeats):
+        for i, policy in enumerate(policies):
+            _progress(r * len(policies) + i, total, f"policy {policy}" + (f" (round {r + 1})" if repeats > 1 else ""))
+            logs = out / "logs" / (policy if repeats == 1 else f"{policy}-{r + 1}")
+            runs[policy].append(_replay_once(policy, prompts, new_tokens, reference, traces, remote, logs))
+    _progress(total, total, "done")
     rows = {}
-    for i, policy in enumerate(policies):
-        _progress(i, len(policies), f"policy {policy}")
-        overrides = {"coordinator.client_port": 0, "coordinator.control_port": 0, "coordinator.metrics_port": 0,
-                     "policy.name": policy, "policy.replan_every": 1, "billing.mode": "invocation",
-                     "policy.remote": remote}
-        if traces:
-            overrides["predictor.traces"] = traces
-        overrides.update(EXTRA)
-        with Mesh(load_config(None, overrides), quiet=True) as mesh:
-            endpoints = mesh.start(180)
-
-            async def run(address=endpoints["client"]):
-                async with MeshClient(address, timeout_s=180) as client:
-                    results = []
-                    for p in prompts:
-                        gen = client.generate(p, max_new_tokens=new_tokens, stop_at_eos=False)
-                        results.append(([t.token_id async for t in gen], gen.done))
-                    return results, await client.status()
-
-            results, status = asyncio.run(run())
-        b = status["billing"]
-        estimates = [r[1].record.get("estimate") for r in results]
-        known = [e for e in estimates if e]
-        est_gb_s = sum(e["billed_gb_s"] for e in known) if len(known) == len(estimates) else None
-        est_tpot = statistics.median(e["tpot_s"] for e in known) if known else None
-        rows[policy] = {
-            "tokens_identical": [r[0] for r in results] == reference,
-            "gb_s": b["gb_s"], "gb_s_experts": b["gb_s_experts"], "gb_s_main": b["gb_s_main"], "cost": b["cost"],
-            "functions": len({x["function_id"] for x in status["instances"]}),
-            "instances": len(status["instances"]), "remote_calls": status["engine"]["calls"],
-            "fallbacks": status["engine"]["fallbacks"],
-            "ttft_p50_s": statistics.median(r[1].ttft_s for r in results),
-            "tpot_p50_s": statistics.median(r[1].tpot_s for r in results),
-            "slo_met": sum(bool(r[1].record["slo"]["met"]) for r in results) / len(results),
-            "estimate_gb_s": est_gb_s, "estimate_tpot_p50_s": est_tpot,
-            "estimate_vs_meter_gb_s": est_gb_s / b["gb_s"] if est_gb_s and b["gb_s"] else None,
-            "estimate_vs_meter_tpot": (est_tpot / statistics.median(r[1].tpot_s for r in results)
-                                       if est_tpot else None),
-            "data_plane": status.get("data_plane"), "main": status.get("main"),
-            "components": components([r[1].record for r in results], status),  # est vs meter per term
-        }
-    _progress(len(policies), len(policies), "done")
+    for policy, seen in runs.items():
+        ordered = sorted(seen, key=lambda row: row["gb_s"])
+        rows[policy] = {**ordered[(len(ordered) - 1) // 2], "tokens_identical": all(x["tokens_identical"] for x in seen),
+                        "runs": [{k: x[k] for k in RUN_FIGURES} for x in seen]}
     base = rows["all-local"]["cost"] if "all-local" in rows else None
     for row in rows.values():
         row["cost_vs_all_local"] = row["cost"] / base if base else None
+        costs = [x["cost"] for x in row["runs"]]
+        row["cost_vs_all_local_range"] = [min(costs) / base, max(costs) / base] if base else None
     return rows
+
+
+RUN_FIGURES = ("gb_s", "cost", "estimate_gb_s", "ttft_p50_s", "tpot_p50_s", "functions", "fallbacks")
+
+
+def _replay_once(policy: str, prompts: list[str], new_tokens: int, reference: list[list[int]],
+                 traces: str | None, remote: list[list[int]], log_dir: Path) -> dict:
+    """One mesh under `policy`, the prompts one after another: its row of the policy table (the
+    mesh's logs in `log_dir`)."""
+    from mesh.estimate_vs_meter import components
+
+    overrides = {"coordinator.client_port": 0, "coordinator.control_port": 0, "coordinator.metrics_port": 0,
+                 "policy.name": policy, "policy.replan_every": 1, "billing.mode": "invocation",
+                 "policy.remote": remote}
+    if traces:
+        overrides["predictor.traces"] = traces
+    overrides.update(EXTRA)
+    with Mesh(load_config(None, overrides), log_dir=log_dir, quiet=True) as mesh:
+        endpoints = mesh.start(180)
+
+        async def run(address=endpoints["client"]):
+            async with MeshClient(address, timeout_s=180) as client:
+                results = []
+                for p in prompts:
+                    gen = client.generate(p, max_new_tokens=new_tokens, stop_at_eos=False)
+                    results.append(([t.token_id async for t in gen], gen.done))
+                return results, await client.status()
+
+        results, status = asyncio.run(run())
+    b = status["billing"]
+    estimates = [r[1].record.get("estimate") for r in results]
+    known = [e for e in estimates if e]
+    est_gb_s = sum(e["billed_gb_s"] for e in known) if len(known) == len(estimates) else None
+    est_tpot = statistics.median(e["tpot_s"] for e in known) if known else None
+    return {
+        "tokens_identical": [r[0] for r in results] == reference,
+        "gb_s": b["gb_s"], "gb_s_experts": b["gb_s_experts"], "gb_s_main": b["gb_s_main"], "cost": b["cost"],
+        "functions": len({x["function_id"] for x in status["instances"]}),
+        "instances": len(status["instances"]), "remote_calls": status["engine"]["calls"],
+        "fallbacks": status["engine"]["fallbacks"],
+        "ttft_p50_s": statistics.median(r[1].ttft_s for r in results),
+        "tpot_p50_s": statistics.median(r[1].tpot_s for r in results),
+        "slo_met": sum(bool(r[1].record["slo"]["met"]) for r in results) / len(results),
+        "estimate_gb_s": est_gb_s, "estimate_tpot_p50_s": est_tpot,
+        "estimate_vs_meter_gb_s": est_gb_s / b["gb_s"] if est_gb_s and b["gb_s"] else None,
+        "estimate_vs_meter_tpot": (est_tpot / statistics.median(r[1].tpot_s for r in results)
+                                   if est_tpot else None),
+        "data_plane": status.get("data_plane"), "main": status.get("main"),
+        "components": components([r[1].record for r in results], status),  # est vs meter per term
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traces", help="with --policies: a trace store the predictor learns from first")
     ap.add_argument("--only", default=",".join(POLICIES), metavar="POLICY,...",
                     help="with --policies: which policies (default: all eight)")
+    ap.add_argument("--repeats", type=int, default=1, metavar="N",
+                    help="with --policies: run every policy N times, round after round, and report each "
+                         "policy's median run with the spread of its cost against all-local's (the host's "
+                         "noise: the same plan bills differently from run to run)")
     ap.add_argument("--preset", metavar="NAME[:LAYERS]",
                     help="run on a realistic-size synthetic checkpoint (moemesh synth; generated on first "
                          "use, cached in checkpoints/), in bfloat16, e.g. qwen1.5-moe-a2.7b:4")
@@ -163,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.policies:
         local = in_process_decode(prompts, args.new_tokens, EXTRA)
         chosen = tuple(p for p in args.only.split(",") if p)
-        rows = policy_replay(prompts, args.new_tokens, local["tokens"], args.out, args.traces, chosen)
+        rows = policy_replay(prompts, args.new_tokens, local["tokens"], args.out, args.traces, chosen,
+                             max(1, args.repeats))
         (args.out / "policies.json").write_text(json.dumps(rows, indent=1))
         print(f"{'policy':<13}{'tokens':>8}{'GB-s':>10}{'est GB-s':>10}{'est/meter':>10}{'experts':>10}"
               f"{'cost/all-local':>16}{'fns':>5}{'calls':>7}{'TTFT p50':>10}{'TPOT p50':>10}{'est TPOT':>10}"
-              f"{'SLO met':>9}")
+              f"{'SLO met':>9}" + ("  cost/all-local range" if args.repeats > 1 else ""))
 
         def num(v, fmt):
             return format(v, fmt) if v is not None else "n/a"
@@ -177,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{num(r['estimate_gb_s'], '.3f'):>10}{num(r['estimate_vs_meter_gb_s'], '.2f'):>10}"
                   f"{r['gb_s_experts']:>10.3f}{num(r['cost_vs_all_local'], '.2f'):>16}{r['functions']:>5}{r['remote_calls']:>7}"
                   f"{r['ttft_p50_s']:>9.3f}s{r['tpot_p50_s']:>9.3f}s{num(r['estimate_tpot_p50_s'], '.3f'):>9}s"
-                  f"{r['slo_met']:>9.0%}")
+                  f"{r['slo_met']:>9.0%}" + ("  {:.2f}-{:.2f}".format(*r["cost_vs_all_local_range"])
+                                              if args.repeats > 1 and r["cost_vs_all_local_range"] else ""))
         print(f"wrote {args.out / 'policies.json'}")
         return 0 if all(r["tokens_identical"] for r in rows.values()) else 1
 

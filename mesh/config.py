@@ -509,6 +509,9 @@ class PolicyConfig:
                         "synthetic": plan from built-in numbers (tests, quick looks)
     meter_guard:        moemesh: plan all-local once the meter shows its plans costing more
                         than the all-local baseline for the same traffic
+    replan_if_it_pays:  moemesh: skip a due re-plan when the most it could save on the request
+                        is less than what planning costs in the main function
+                        (planning.replan_skip_reason)
     """
 
     name: str = setting("moemesh", NOT_EMPTY)
@@ -523,6 +526,7 @@ class PolicyConfig:
     function_replicas: int = setting(1, at_least(1))
     profiles: Literal["auto", "measured", "synthetic"] = "auto"
     meter_guard: bool = True
+    replan_if_it_pays: bool = True
 
     def __post_init__(self) -> None:
         _validate(self)

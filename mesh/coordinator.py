@@ -138,7 +138,9 @@ class Coordinator:
         self.measured_profiles = self.profiles  # as measured; self.profiles adds the data plane's own rounds
         self.workload = planning.DEFAULT_WORKLOAD  # what the plan in force was sized for
         self.cluster = planning.cluster_of(config)
+        start = time.perf_counter()
         self.plan = planning.make_plan(config, model_config, profiles=self.profiles)
+        self.plan_s = time.perf_counter() - start  # what the last plan took to make (_replan_skip)
         self.baseline_main_gb = planning.all_local_main_gb(config, model_config, self.profiles)
         self.main = MainExperts(self.model, self.checkpoint, self._main_changed)
         self.main.load(self.plan.local, pin=True)
@@ -205,10 +207,11 @@ class Coordinator:
         """Policies that plan from a forecast (the baselines' plans never change)."""
         return self.config.policy.name not in FIXED_POLICIES
 
-    def _plan_for(self, request_id: str, features, prompt_tokens: int, new_tokens: int) -> None:
+    def _plan_for(self, request_id: str, features, prompt_tokens: int, new_tokens: int, slo_class: str) -> None:
         """At admission, off the event loop: forecast the request once, re-plan from the forecast
-        when the policy adapts and a batch window is due, and record the planner's estimate of
-        the plan in force beside what the meter will measure."""
+        when the policy adapts, a batch window is due and (moemesh) the re-plan can pay for
+        itself, and record the planner's estimate of the plan in force beside what the meter
+        will measure."""
         from allocator.model import WarmInstance, Workload
 
         workload = Workload(max(1, prompt_tokens), max(1, new_tokens))
@@ -221,9 +224,25 @@ class Coordinator:
         warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
         # the per-call time of the mesh's own scatter-gather rounds, once seen (planning.calibrated_profiles)
         self.profiles = planning.calibrated_profiles(self.measured_profiles, self.executor.round_summary())
+        estimate = self._estimate(forecast, workload, warm)
         if self._replan_due():
-            self._replan(forecast, workload, warm)
-        self.meter.request_estimate(request_id, self._estimate(forecast, workload, warm))
+            skip = self._replan_skip(estimate, workload, slo_class)
+            if skip:
+                log.debug("%s: %s", request_id, skip)
+                self.meter.policy = {**planning.describe(self.plan, forecast), "kept": skip}
+            else:
+                self._replan(forecast, workload, warm)
+                estimate = self._estimate(forecast, workload, warm)
+        self.meter.request_estimate(request_id, estimate)
+
+    def _replan_skip(self, estimate: dict | None, workload, slo_class: str) -> str | None:
+        """moemesh ([policy] replan_if_it_pays): why a due re-plan would cost more than it can save."""
+        policy = self.config.policy
+        if policy.name != "moemesh" or not policy.replan_if_it_pays or self.guard_tripped:
+            return None
+        target = self.config.slo.classes[slo_class]
+        return planning.replan_skip_reason(estimate, self.plan, self.profiles, self.cluster, workload,
+                                           (target.ttft_s, target.tpot_s), self.plan_s)
 
     def _replan_due(self) -> bool:
         replan_every = self.config.policy.replan_every
@@ -240,6 +259,7 @@ class Coordinator:
         except Exception as exc:  # a policy that cannot plan keeps the plan in force
             log.warning("policy %s could not plan (%s); keeping the plan in force", self.config.policy.name, exc)
             return
+        self.plan_s = time.perf_counter() - start
         loaded, seconds = self.main.load(plan.local, pin=True)  # before the plan names them local
         if loaded:
             self.meter.main_loaded(loaded, seconds, "re-plan")
@@ -421,7 +441,7 @@ class Coordinator:
         self.features[req.request_id] = features
         self.prompts[req.request_id] = req.prompt
         # forecast, planning and the estimate off the event loop: sockets and heartbeats keep flowing
-        await asyncio.to_thread(self._plan_for, req.request_id, features, len(ids), req.max_new_tokens)
+        await asyncio.to_thread(self._plan_for, req.request_id, features, len(ids), req.max_new_tokens, slo_class)
         self._warm()  # cold starts overlap the prompt's first layers
         self.loop_thread.inbox.put(Admit(req.request_id, ids, params))
         self.exporter.admitted(req.request_id)
@@ -653,14 +673,43 @@ class Coordinator:
             self._spawn(spec, replica, node)
 
     def _place(self, spec: FunctionSpec, replica: int) -> str | None:
+        """The node for a replica: where the plan put it, else the least loaded live node it fits
+        on. Instances an earlier plan left warm (Registry.superseded_on) keep their memory until
+        a placement needs it; then the oldest are stopped to make room, as a serverless platform
+        evicts idle containers. Their memory counts as free at once: a stopped worker exits in
+        milliseconds, the new one takes far longer to load its weights."""
         wanted = spec.nodes[replica] if spec.nodes else None
-        alive = [n for n in self.nodes.values() if n.alive]
-        if wanted and any(n.name == wanted for n in alive):
+        alive = {n.name: n for n in self.nodes.values() if n.alive}
+        if wanted in alive:  # the planner checked the plan's own functions against its capacity
+            self._make_room(alive[wanted], spec.memory_gb)
             return wanted
-        fits = [n for n in alive if self.registry.load_on(n.name) + spec.memory_gb <= n.capacity_gb]
-        if not fits:
-            return None
-        return min(fits, key=lambda n: self.registry.load_on(n.name) / n.capacity_gb).name
+
+        def free(n: Node, reclaim: bool) -> float:
+            held = self.registry.load_on(n.name)
+            if reclaim:
+                held -= sum(i.memory_gb for i in self.registry.superseded_on(n.name))
+            return n.capacity_gb - held
+
+        for reclaim in (False, True):
+            fits = [n for n in alive.values() if free(n, reclaim) >= spec.memory_gb - 1e-9]
+            if fits:
+                node = max(fits, key=lambda n: free(n, reclaim) / n.capacity_gb)
+                if reclaim:
+                    self._make_room(node, spec.memory_gb)
+                return node.name
+        return None
+
+    def _make_room(self, node: Node, need_gb: float) -> None:
+        """Stop superseded instances on `node`, oldest first, until `need_gb` fits."""
+        for inst in self.registry.superseded_on(node.name):
+            if node.capacity_gb - self.registry.load_on(node.name) >= need_gb - 1e-9:
+                return
+            if self.registry.transition(inst.instance_id, State.STOPPED) is not None:
+                node.ghosts[inst.instance_id] = time.time()  # still listed until it exits: not a ghost
+                log.info("%s on %s evicted: the plan no longer calls it and %s needs the room", inst.instance_id,
+                         node.name, f"{need_gb:g} GB")
+                asyncio.get_running_loop().create_task(self._to_node(node.name, StopFunction(inst.instance_id,
+                                                                                            "evicted")))
 
     def _spawn(self, spec: FunctionSpec, replica: int, node: str) -> None:
         f = self.config.functions

@@ -124,7 +124,8 @@ class MeshExecutor:
         self._due = math.inf  # the earliest deadline among the gather's pending calls, or earlier
         self._record: RoundRecord | None = None  # the round in progress
         self._seen_generation = -1
-        self._seen_warm: set[str] = set()  # functions that have had a warm instance
+        # functions that have had a warm instance, by id and experts: a re-plan may give an id others
+        self._seen_warm: set[tuple[str, frozenset]] = set()
         # layer -> [rounds, seconds, calls, bytes sent, slowest compute, scatter seconds, summed compute]
         # (remote rounds only)
         self.rounds: dict[int, list] = {}
@@ -248,10 +249,11 @@ class MeshExecutor:
         """
         warm, starting = self.registry.serving(function_id)
         if warm:
-            self._seen_warm.add(function_id)
+            self._seen_warm.add((function_id, warm[0].experts))
         if warm or not starting:
             return warm, False
-        if self.main is not None and (self.settings.cold_start == "load" or function_id in self._seen_warm
+        if self.main is not None and (self.settings.cold_start == "load"
+                                      or self.registry.version(function_id) in self._seen_warm
                                       or all(self.main.holds((layer, e)) for e in experts)):
             return [], False
         return [], True
@@ -456,7 +458,7 @@ class MeshExecutor:
                 continue
             experts = cold.pop(function_id)
             if warm:
-                self._seen_warm.add(function_id)
+                self._seen_warm.add((function_id, warm[0].experts))
                 self._record.waited_for.append(warm[0].instance_id)
                 log.info("a round waited for the cold start of %s", function_id)
             before = set(pending)

@@ -139,6 +139,15 @@ class Registry:
         with self.cond:
             return sum(i.memory_gb for i in self.instances.values() if i.node == node and i.live)
 
+    def superseded_on(self, node: str) -> list[Instance]:
+        """Live instances on `node` the plan no longer calls (a re-plan replaced their function, or
+        dropped their replica), oldest first: what a placement may evict to make room."""
+        with self.cond:
+            wanted = {(f.id, frozenset(f.experts)): f.replicas for f in self.functions.values()}
+            out = [i for i in self.instances.values() if i.node == node and i.live
+                   and i.replica >= wanted.get((i.function_id, i.experts), 0)]
+            return sorted(out, key=lambda i: i.requested_at)
+
     def _of(self, spec: FunctionSpec) -> list[Instance]:
         """Live instances that serve exactly this function's experts (same id and same expert set)."""
         experts = frozenset(spec.experts)
@@ -167,6 +176,11 @@ class Registry:
             pass
 
     # -- data plane (engine thread) --------------------------------------------------------------
+
+    def version(self, function_id: str) -> tuple[str, frozenset]:
+        """The plan's function as its instances are told apart: id and experts."""
+        spec = self.functions.get(function_id)
+        return function_id, frozenset(spec.experts if spec is not None else ())
 
     def serving(self, function_id: str) -> tuple[list[Instance], bool]:
         """(warm instances of the function, whether another is still starting)."""

@@ -274,6 +274,35 @@ def make_plan(config: MeshConfig, model: MoEConfig, forecast: Forecast | None = 
     return allocator.make_plan(name, forecast, profiles, slo_of(config), cluster_of(config), workload, **options)
 
 
+def replan_skip_reason(estimate: dict | None, plan: Plan, profiles: Profiles, cluster: Cluster,
+                       workload: Workload, slo: tuple[float, float], plan_s: float | None) -> str | None:
+    """Why a due re-plan is not worth making for this request, or None to make it.
+
+    The planner runs in the main function before the request's prefill, so its time is billed
+    there and sits in the request's TTFT. A re-plan can save at most what the plan in force
+    spends above the cheapest main function (one holding no expert) plus everything its
+    functions bill; when the planner's estimate of that, for this request, is below what the
+    last plan took to make (its seconds x the main's memory), planning would cost more than
+    any plan could save. A request the plan in force would not serve within its SLO (ttft_s,
+    tpot_s) is always re-planned for. Numbers from before any plan was timed re-plan.
+    """
+    if estimate is None or plan_s is None:
+        return None
+    ttft_s, tpot_s = slo
+    if estimate["ttft_s"] > ttft_s or estimate["tpot_s"] > tpot_s:
+        return None
+    from allocator.sizing import main_memory_gb
+
+    main_gb = plan.main.memory_gb
+    floor_gb = min(main_gb, main_memory_gb(0, profiles, cluster, workload))
+    headroom = estimate["main_gb_s"] * (1 - floor_gb / main_gb) + estimate["functions_gb_s"]
+    cost = plan_s * main_gb
+    if headroom >= cost:
+        return None
+    return (f"kept the plan in force: a re-plan could save at most {headroom:.3g} GB-s on this request "
+            f"and planning costs {cost:.3g} GB-s ({plan_s * 1e3:.0f} ms x {main_gb:g} GB)")
+
+
 def all_local_main_gb(config: MeshConfig, model: MoEConfig, profiles: Profiles | None = None) -> float:
     """Main-function memory of the serverful baseline (every expert resident), for the meter."""
     profiles = profiles or profiles_of(config, model)

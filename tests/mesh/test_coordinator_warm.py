@@ -8,7 +8,7 @@ import logging
 
 from allocator.plan import FunctionSpec, MainSpec, Plan
 from mesh.coordinator import Coordinator
-from mesh.functions import Registry
+from mesh.functions import Registry, State
 
 
 class _Warmer:
@@ -44,3 +44,80 @@ def test_an_unplaceable_function_is_warned_about_once_and_spawned_when_room_come
         warmer._warm()
     assert sorted(warmer.spawned) == ["L0-E0", "L0-E1", "L0-E2"] and not warmer.unplaced
     assert sum("placed on n1 again" in r.getMessage() for r in caplog.records) == 3
+
+
+class _Placer:
+    """What Coordinator._place touches: a real Registry, one live node, the stops it sends."""
+
+    _place = Coordinator._place
+    _make_room = Coordinator._make_room
+
+    def __init__(self, capacity_gb: float) -> None:
+        from mesh.coordinator import Node
+
+        self.registry = Registry()
+        self.nodes = {"n1": Node("n1", "cpu", "127.0.0.1", capacity_gb, 2, 0.0)}
+        self.sent: list = []
+
+    async def _to_node(self, name, msg):
+        self.sent.append((name, msg))
+
+    def plan(self, *specs: FunctionSpec) -> None:
+        self.registry.set_plan(Plan("test", MainSpec(1.0), frozenset(), specs))
+
+    def warm(self, spec: FunctionSpec) -> str:
+        inst = self.registry.new_instance(spec, 0, "n1")
+        self.registry.transition(inst.instance_id, State.WARM)
+        return inst.instance_id
+
+
+async def test_a_placement_evicts_what_an_earlier_plan_left_warm_and_never_the_plans_own():
+    import asyncio
+
+    placer = _Placer(capacity_gb=2.0)
+    a0, a1 = FunctionSpec("A0", ((0, 0),), 1.0), FunctionSpec("A1", ((0, 1),), 1.0)
+    placer.plan(a0, a1)
+    first, second = placer.warm(a0), placer.warm(a1)
+    b0 = FunctionSpec("B0", ((0, 2),), 1.0)
+    placer.plan(b0, a1)  # a re-plan: A0 is superseded, A1 stays
+    assert [i.instance_id for i in placer.registry.superseded_on("n1")] == [first]
+    assert placer._place(b0, 0) == "n1"
+    await asyncio.sleep(0)  # the StopFunction task runs
+    assert placer.registry.state_of(first) is State.STOPPED and placer.registry.state_of(second) is State.WARM
+    assert [(n, m.instance_id) for n, m in placer.sent] == [("n1", first)]
+    assert first in placer.nodes["n1"].ghosts  # listed by heartbeats until it exits: not taken for a ghost
+    placer.warm(b0)
+    c0 = FunctionSpec("C0", ((0, 3),), 1.0)
+    placer.plan(b0, a1, c0)  # the node is full of the plan's own functions: no room, nothing stopped
+    assert placer._place(c0, 0) is None and len(placer.sent) == 1
+
+
+class _MainHoldingNothing:
+    def holds(self, expert) -> bool:
+        return False
+
+
+def test_a_re_plan_that_gives_a_function_id_new_experts_waits_for_its_cold_start():
+    """The executor loads a cold function's experts into the main function only when that very
+    function (id and experts) was warm before, i.e. a replacement after a failure. A re-plan
+    that reuses the id for other experts is a new function: its rows wait for the cold start
+    (found in a Qwen-sized remoe run: 128 rows a run fell back, 27 on-demand loads of ~25 experts)."""
+    from mesh.executor import MeshExecutor, ScatterSettings
+    from mesh.meter import Meter, Prices
+
+    registry = Registry()
+    executor = MeshExecutor(registry, Meter(Prices(), {}), ScatterSettings(),
+                            main=_MainHoldingNothing())
+    first = FunctionSpec("L0-r0", ((0, 0), (0, 1)), 1.0)
+    registry.set_plan(Plan("test", MainSpec(1.0), frozenset(), (first,)))
+    inst = registry.new_instance(first, 0, "n1")
+    registry.transition(inst.instance_id, State.WARM)
+    assert executor._replicas("L0-r0", 0, [0, 1]) == ([registry.instances[inst.instance_id]], False)
+    registry.transition(inst.instance_id, State.FAILED)
+    replacement = registry.new_instance(first, 0, "n1")
+    assert executor._replicas("L0-r0", 0, [0, 1]) == ([], False)  # the same function again: load, don't wait
+    registry.transition(replacement.instance_id, State.STOPPED)
+    second = FunctionSpec("L0-r0", ((0, 1), (0, 2)), 1.0)  # a re-plan: same id, other experts
+    registry.set_plan(Plan("test", MainSpec(1.0), frozenset(), (second,)))
+    registry.new_instance(second, 0, "n1")
+    assert executor._replicas("L0-r0", 0, [1, 2]) == ([], True)  # a new function: wait for it

@@ -1,0 +1,56 @@
+"""moemesh re-plans only when the re-plan can pay for itself (mesh.planning.replan_skip_reason):
+the planner runs in the main function, so its time is billed there."""
+
+from __future__ import annotations
+
+import allocator
+from allocator.cost import Loads, estimate
+from allocator.model import SLO, Cluster, Workload
+from allocator.profiles import Profiles
+from allocator.sizing import main_memory_gb
+from mesh import planning
+from predictor.forecast import Forecast
+from tests.allocator.conftest import small_shape
+
+WORKLOAD = Workload(prompt_tokens=64, new_tokens=16)
+LOOSE = (1e9, 1e9)  # an SLO every plan meets
+
+
+def setup(policy: str):
+    shape = small_shape()
+    profiles = Profiles.synthetic(shape)
+    cluster = Cluster.single("local", "cpu", capacity_gb=64.0, cpus=16)
+    forecast = Forecast.uniform(shape.moe_layers, shape.experts_per_layer, WORKLOAD.total_tokens, shape.top_k)
+    plan = allocator.make_plan(policy, forecast, profiles, SLO(ttft_s=1e9, tpot_s=1e9), cluster, WORKLOAD)
+    loads = Loads.from_forecast(forecast, WORKLOAD, shape.top_k)
+    figures = estimate(plan, loads, profiles, cluster, WORKLOAD, main_warm=True).summary()
+    return plan, profiles, cluster, figures
+
+
+def test_a_plan_at_the_floor_is_kept_when_planning_costs_more_than_it_could_save():
+    plan, profiles, cluster, figures = setup("all-local")
+    floor = main_memory_gb(0, profiles, cluster, WORKLOAD)
+    headroom = figures["main_gb_s"] * (1 - floor / plan.main.memory_gb)
+    assert headroom > 0  # the experts held locally are what a re-plan could save
+    slow = 1.01 * headroom / plan.main.memory_gb  # planning a hair dearer than the headroom
+    reason = planning.replan_skip_reason(figures, plan, profiles, cluster, WORKLOAD, LOOSE, slow)
+    assert reason and "kept the plan in force" in reason
+    fast = 0.99 * headroom / plan.main.memory_gb
+    assert planning.replan_skip_reason(figures, plan, profiles, cluster, WORKLOAD, LOOSE, fast) is None
+
+
+def test_functions_billing_more_than_planning_costs_are_re_planned_for():
+    plan, profiles, cluster, figures = setup("all-remote")
+    assert figures["functions_gb_s"] > 0
+    slow = 0.9 * figures["functions_gb_s"] / plan.main.memory_gb
+    assert planning.replan_skip_reason(figures, plan, profiles, cluster, WORKLOAD, LOOSE, slow) is None
+
+
+def test_an_slo_the_plan_in_force_misses_and_an_untimed_planner_always_re_plan():
+    plan, profiles, cluster, figures = setup("all-local")
+    never_worth_it = 1e9
+    assert planning.replan_skip_reason(figures, plan, profiles, cluster, WORKLOAD, LOOSE, never_worth_it)
+    tight = (figures["ttft_s"] / 2, 1e9)
+    assert planning.replan_skip_reason(figures, plan, profiles, cluster, WORKLOAD, tight, never_worth_it) is None
+    assert planning.replan_skip_reason(figures, plan, profiles, cluster, WORKLOAD, LOOSE, None) is None
+    assert planning.replan_skip_reason(None, plan, profiles, cluster, WORKLOAD, LOOSE, never_worth_it) is None
