@@ -73,6 +73,13 @@ def policy_replay(prompts: list[str], new_tokens: int, reference: list[list[int]
             logs = out / "logs" / (policy if repeats == 1 else f"{policy}-{r + 1}")
             runs[policy].append(_replay_once(policy, prompts, new_tokens, reference, traces, remote, logs))
     _progress(total, total, "done")
+    return summarise_runs(runs)
+
+
+def summarise_runs(runs: dict[str, list[dict]]) -> dict:
+    """policy -> its median run by GB-s (the lower middle of an even count), tokens identical
+    only if every run's were, every run's figures under "runs", and its cost against the
+    all-local row's (median and the runs' range)."""
     rows = {}
     for policy, seen in runs.items():
         ordered = sorted(seen, key=lambda row: row["gb_s"])
