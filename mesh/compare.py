@@ -235,6 +235,8 @@ def summarise(policy: str, outcomes: list[Outcome], status: dict, samples: list[
                                             default=None), "listed_cap": 50},
         "instances": len(status.get("instances") or []),
         "functions": len({i["function_id"] for i in status.get("instances") or []}),
+        "main": status.get("main"),  # what the main function holds at the end, and is billed for
+        "data_plane": status.get("data_plane"),  # calls, fallbacks, on-demand loads, cold-start waits
         "cost_over_time": samples,
     }
     if serverful_price_per_hour is not None:
@@ -270,14 +272,15 @@ def run_config(policy: str, billing: str, keep_alive_s: float | str | None, extr
 
 
 def run_one(config, workload: wl.Workload, *, label: str, reference=None, timeout_s: float = 120.0,
-            sample_s: float = 1.0, warmup: int = 0) -> dict:
-    """Start a mesh with ``config``, replay ``workload``, stop it; the row plus the run's config."""
+            sample_s: float = 1.0, warmup: int = 0, log_dir: Path | None = None) -> dict:
+    """Start a mesh with ``config``, replay ``workload``, stop it; the row plus the run's config
+    (the mesh's logs in ``log_dir``, if given)."""
     from mesh.launcher import Mesh
 
     policy = config.policy.name
     t0 = time.perf_counter()
     _progress(f"{label} starting the mesh")
-    with Mesh(config, quiet=True) as mesh:
+    with Mesh(config, log_dir=log_dir, quiet=True) as mesh:
         endpoints = mesh.start(180)
         startup = time.perf_counter() - t0
         outcomes, samples, status, before, _ = asyncio.run(replay(
@@ -566,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         config = run_config(policy, mode, keep_alive, extra, traces)
         try:
             row = run_one(config, workload, label=label, reference=reference, timeout_s=args.timeout_s,
-                          sample_s=args.sample_s, warmup=args.warmup)
+                          sample_s=args.sample_s, warmup=args.warmup,
+                          log_dir=args.out / "logs" / f"{n}-{policy}-{mode}")
         except Exception as exc:  # one policy that cannot run is a row saying so, not a lost comparison
             print(f"\n{label} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             rows.append({"policy": policy, "billing_mode": mode, "error": f"{type(exc).__name__}: {exc}",

@@ -30,6 +30,8 @@ def status(mode: str = "invocation") -> dict:
         "stragglers": {"recent": [{"ratio": 4.0}], "imbalance": {"0": 1.5, "1": 2.5}},
         "instances": [{"function_id": "L0"}, {"function_id": "L0"}, {"function_id": "L1"}],
         "policy": {"plan": {"functions": []}},
+        "main": {"memory_gb": 0.525, "held_bytes": 3 * 2**28, "experts": 4},
+        "data_plane": {"calls": 12, "fallbacks": 1, "on_demand_loads": 1},
     }
 
 
@@ -57,6 +59,7 @@ def test_summarise_a_row():
     assert c["mean_stage_s"]["spawn"] == pytest.approx(1.65) and c["mean_stage_s"]["limits"] == 0.0
     assert row["stragglers"] == {"recent": 1, "max_imbalance": 2.5, "listed_cap": 50}
     assert row["functions"] == 2 and row["instances"] == 3
+    assert row["main"]["held_bytes"] == 3 * 2**28 and row["data_plane"]["fallbacks"] == 1  # what the main held
     assert row["tokens_identical_share"] == 0.5  # requests 0 and 2
     assert "serverful_cost" not in row
     server = compare.summarise("cpu-cluster", outcomes(), status(), [], serverful_price_per_hour=3600.0)
