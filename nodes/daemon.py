@@ -50,7 +50,10 @@ Limits: an instance's cgroups (nodes.limits, `[functions] cgroups`) get SpawnFun
 and cpu_share vCPUs (cpu_share 0: memory_gb / gb_per_vcpu); the worker joins them itself.
 
 No orphans: the zygote and fresh workers die with the daemon (PR_SET_PDEATHSIG), the zygote's
-workers with the zygote; SIGTERM stops everything cleanly.
+workers with the zygote; SIGTERM stops everything cleanly. A daemon started for a node whose
+earlier daemon (same node, same coordinator endpoint) still runs on this host stops that one
+first (nodes.fence): after a link cut longer than ssh's ServerAlive, mesh-up starts a new daemon
+over a new session while the old one lives on, cut off.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ from mesh.protocol import (
     encode,
 )
 from mesh.sockets import harden
-from nodes import resources
+from nodes import fence, resources
 from nodes.limits import Applied, Cgroups, CgroupUnavailable
 from nodes.procs import pack, read_message_async
 from nodes.worker import WorkerSpec, read_run_record, setup_logging
@@ -845,6 +848,9 @@ def main(argv: list[str] | None = None) -> int:
     config = MeshConfig.from_dict(json.loads(args.config_json))
     run_dir = args.run_dir or tempfile.mkdtemp(prefix=f"moemesh-{args.node}-")
     settings = DaemonSettings.from_config(config, args.node, args.control, run_dir)
+    # one daemon of this node under this coordinator on this host: an earlier one that lost its
+    # ssh session but still runs is stopped before this one registers (held until we exit)
+    lock = fence.take(args.node, args.control)  # noqa: F841 (the fd must stay open)
     return asyncio.run(NodeDaemon(settings).run())
 
 

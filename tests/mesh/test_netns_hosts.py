@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable  # the project's venv: the same path on every "host" (one filesystem)
 HOSTS = ("h1", "h2", "h3")
 LONG = 40
-LINK_DOWN_S = 4.0  # how long the cable stays cut (the fault's length, not a synchronisation)
+LINK_DOWN_S = 10.0  # how long the cable stays cut (the fault's length, not a synchronisation)
+LONG_CUT_S = 20.0  # longer than ssh's ServerAlive (5 s x 3): mesh-up loses the daemon's ssh session
 FAST = {"coordinator.heartbeat_s": 0.5, "coordinator.liveness": 4}  # a node is dead after 2 s of silence
 
 
@@ -340,6 +341,54 @@ def test_a_cut_link_fails_no_request_and_the_host_rejoins_after_healing(lab, mes
           f"{max(done['seconds']):.1f} s; seen dead within {detected_s:.2f} s, rejoined {rejoin_s:.2f} s after healing")
     assert count["correct"] >= len(prompts) // 2, done["results"]
     assert node["pid"] == pid  # the same daemon over the same ssh session: it rejoined, not restarted
+    got = mesh.client.ask(op="generate", prompts=PROMPTS[:2], n=LONG)["results"]
+    assert got == expected[:2]
+
+
+def daemons_of(ns: str, node: str) -> list[int]:
+    """Pids of the node daemons of `node` running in namespace `ns`."""
+    out = []
+    for pid in pids_in(ns):
+        try:
+            argv = psutil.Process(pid).cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if "nodes.daemon" in argv and node in argv:
+            out.append(pid)
+    return out
+
+
+def test_a_cut_longer_than_the_ssh_session_lives_leaves_one_daemon_per_node(lab, mesh, expected):
+    """ssh gives up on a silent link after ~15 s and mesh-up restarts the node's daemon over a new
+    session; the old daemon, cut off but alive in its namespace, must not come back beside the new
+    one: the new daemon fences it off (nodes.fence). After healing, exactly one daemon of the node
+    runs there, the node is alive with the new daemon's pid, and the mesh serves the same tokens."""
+    status = mesh.client.status()
+    victim = "n2"
+    ns = lab.hosts["h2"]
+    old = node_of(status, victim)["pid"]
+    assert daemons_of(ns, victim) == [old]
+    mark = len(mesh.err.read_text().splitlines())
+
+    def lost_session() -> bool:
+        return any(victim in line and "exited with code" in line
+                   for line in mesh.err.read_text().splitlines()[mark:])
+
+    cut_at = time.monotonic()
+    lab.net.link(ns, up=False)
+    try:
+        wait_for(lost_session, f"mesh-up lost {victim}'s ssh session", timeout_s=60)
+        time.sleep(max(0.0, LONG_CUT_S - (time.monotonic() - cut_at)))  # the cut's length (the fault)
+    finally:
+        lab.net.link(ns, up=True)
+    healed_at = time.monotonic()
+    node = wait_for(lambda: (n := node_of(mesh.client.status(), victim))["alive"] and n["pid"] != old and n,
+                    f"{victim} restarted over a new ssh session and registered", timeout_s=120)
+    one = wait_for(lambda: (d := daemons_of(ns, victim)) == [node["pid"]] and d,
+                   f"only the new daemon of {victim} left in {ns}", timeout_s=60)
+    print(f"\nlink of {victim} cut for {healed_at - cut_at:.1f} s: the new daemon registered and the old one was "
+          f"gone {time.monotonic() - healed_at:.1f} s after healing")
+    assert one == [node["pid"]] and old not in pids_in(ns)
     got = mesh.client.ask(op="generate", prompts=PROMPTS[:2], n=LONG)["results"]
     assert got == expected[:2]
 
