@@ -32,7 +32,8 @@ POLL_S = 0.05  # how often a waiting daemon retries the lock (a deadline-bound r
 def lock_path(node: str, control: str, lock_dir: Path | None = None) -> Path:
     """The lock file of `node` under the coordinator at `control`."""
     key = hashlib.sha1(f"{node}\0{control}".encode()).hexdigest()[:16]
-    folder = lock_dir or Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / "moemesh-daemons"
+    # not $XDG_RUNTIME_DIR: logind removes it when the user's last session ends, lock and all
+    folder = lock_dir or Path(tempfile.gettempdir()) / "moemesh-daemons"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{node}-{key}.lock"
 
