@@ -12,9 +12,10 @@ never sends a packet to a namespace's address: this process does, from inside):
     {"op": "begin", "prompts": [[ids]], "n": 40, "first": 3}
         start one stream per prompt, take `first` tokens of each  -> {"status": {...}}
     {"op": "finish", "hang_s": 60}
-        finish the begun streams     -> {"results": [...], "seconds": [...]} (per stream: its
-        token ids, {"error": TypeName, "message": ...} for a typed MeshError, or
-        {"error": "hang"} when it was still open after hang_s)
+        finish the begun streams     -> {"results": [...], "seconds": [...], "done_at": [...]}
+        (per stream: its token ids, {"error": TypeName, "message": ...} for a typed MeshError,
+        or {"error": "hang"} when it was still open after hang_s; the seconds since begin when
+        it was read to the end; when the coordinator finished it, its wall clock, or None)
     {"op": "quit"}
 
 Each stream has its own MeshClient (its own connection), as separate users would. Clients
@@ -37,7 +38,7 @@ from mesh.errors import MeshError
 class Driver:
     def __init__(self, address: str, config) -> None:
         self.address, self.config = address, config
-        self.streams: list[tuple[MeshClient, object, list[int] | dict]] = []
+        self.streams: list[tuple[MeshClient, object, object, list[int] | dict]] = []  # client, stream, iterator, tokens
         self.begun_at = 0.0
 
     def client(self) -> MeshClient:
@@ -60,24 +61,27 @@ class Driver:
         for ids in prompts:
             client = self.client()
             await client.__aenter__()
-            gen = client.generate("", prompt_ids=ids, max_new_tokens=n, stop_at_eos=False).__aiter__()
+            stream = client.generate("", prompt_ids=ids, max_new_tokens=n, stop_at_eos=False)
+            gen = stream.__aiter__()
             got: list[int] | dict = []
             try:
                 for _ in range(first):
                     got.append((await gen.__anext__()).token_id)
             except MeshError as exc:
                 got = {"error": type(exc).__name__, "message": str(exc)}
-            self.streams.append((client, gen, got))
+            self.streams.append((client, stream, gen, got))
 
     async def finish(self, hang_s: float) -> tuple[list, list]:
-        async def rest(client, gen, got):
+        async def rest(client, stream, gen, got):
             try:
+                done_at = None
                 if isinstance(got, list):
                     try:
                         got += [t.token_id async for t in gen]
+                        done_at = stream.done.record.get("done_at") if stream.done is not None else None
                     except MeshError as exc:
                         got = {"error": type(exc).__name__, "message": str(exc)}
-                return got, time.monotonic() - self.begun_at
+                return got, time.monotonic() - self.begun_at, done_at
             finally:
                 await client.__aexit__(None, None, None)
 
@@ -85,11 +89,11 @@ class Driver:
             try:
                 return await asyncio.wait_for(rest(*stream), hang_s)
             except TimeoutError:
-                return {"error": "hang"}, hang_s
+                return {"error": "hang"}, hang_s, None
 
         done = await asyncio.gather(*(bounded(s) for s in self.streams))
         self.streams = []
-        return [r for r, _ in done], [round(s, 3) for _, s in done]
+        return [r for r, _, _ in done], [round(s, 3) for _, s, _ in done], [d for _, _, d in done]
 
 
 async def serve(address: str, config) -> None:
@@ -115,8 +119,8 @@ async def serve(address: str, config) -> None:
                 await driver.begin(order["prompts"], order["n"], order.get("first", 3))
                 out = {"status": await driver.status()}
             elif op == "finish":
-                results, seconds = await driver.finish(order.get("hang_s", 60.0))
-                out = {"results": results, "seconds": seconds}
+                results, seconds, done_at = await driver.finish(order.get("hang_s", 60.0))
+                out = {"results": results, "seconds": seconds, "done_at": done_at}
             else:
                 out = {"failed": f"unknown op {op!r}"}
         except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
