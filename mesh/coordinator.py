@@ -224,9 +224,12 @@ class Coordinator:
         warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
         # the per-call time of the mesh's own scatter-gather rounds, once seen (planning.calibrated_profiles)
         self.profiles = planning.calibrated_profiles(self.measured_profiles, self.executor.round_summary())
-        estimate = self._estimate(forecast, workload, warm)
-        if self._replan_due():
-            skip = self._replan_skip(estimate, workload, slo_class)
+        due = self._replan_due()
+        gated = due and self._replans_gated()
+        # the plan in force's estimate: recorded when it stays, or what the gate weighs
+        estimate = self._estimate(forecast, workload, warm) if gated or not due else None
+        if due:
+            skip = self._replan_skip(estimate, workload, slo_class) if gated else None
             if skip:
                 log.debug("%s: %s", request_id, skip)
                 self.meter.policy = {**planning.describe(self.plan, forecast), "kept": skip}
@@ -235,11 +238,13 @@ class Coordinator:
                 estimate = self._estimate(forecast, workload, warm)
         self.meter.request_estimate(request_id, estimate)
 
-    def _replan_skip(self, estimate: dict | None, workload, slo_class: str) -> str | None:
-        """moemesh ([policy] replan_if_it_pays): why a due re-plan would cost more than it can save."""
+    def _replans_gated(self) -> bool:
+        """moemesh ([policy] replan_if_it_pays) re-plans only when it can pay (_replan_skip)."""
         policy = self.config.policy
-        if policy.name != "moemesh" or not policy.replan_if_it_pays or self.guard_tripped:
-            return None
+        return policy.name == "moemesh" and policy.replan_if_it_pays and not self.guard_tripped
+
+    def _replan_skip(self, estimate: dict | None, workload, slo_class: str) -> str | None:
+        """Why a due re-plan would cost more than it can save, or None to make it."""
         target = self.config.slo.classes[slo_class]
         return planning.replan_skip_reason(estimate, self.plan, self.profiles, self.cluster, workload,
                                            (target.ttft_s, target.tpot_s), self.plan_s)

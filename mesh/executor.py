@@ -249,7 +249,7 @@ class MeshExecutor:
         """
         warm, starting = self.registry.serving(function_id)
         if warm:
-            self._seen_warm.add((function_id, warm[0].experts))
+            self._seen_warm.add(warm[0].version)
         if warm or not starting:
             return warm, False
         if self.main is not None and (self.settings.cold_start == "load"
@@ -458,7 +458,7 @@ class MeshExecutor:
                 continue
             experts = cold.pop(function_id)
             if warm:
-                self._seen_warm.add((function_id, warm[0].experts))
+                self._seen_warm.add(warm[0].version)
                 self._record.waited_for.append(warm[0].instance_id)
                 log.info("a round waited for the cold start of %s", function_id)
             before = set(pending)

@@ -57,6 +57,11 @@ class Instance:
     def live(self) -> bool:
         return self.state in (State.STARTING, State.WARM)
 
+    @property
+    def version(self) -> tuple[str, frozenset]:
+        """Which function it serves: id and experts (a re-plan may give an id other experts)."""
+        return self.function_id, self.experts
+
 
 class Registry:
     def __init__(self) -> None:
@@ -143,9 +148,9 @@ class Registry:
         """Live instances on `node` the plan no longer calls (a re-plan replaced their function, or
         dropped their replica), oldest first: what a placement may evict to make room."""
         with self.cond:
-            wanted = {(f.id, frozenset(f.experts)): f.replicas for f in self.functions.values()}
+            wanted = {self.version(f.id): f.replicas for f in self.functions.values()}
             out = [i for i in self.instances.values() if i.node == node and i.live
-                   and i.replica >= wanted.get((i.function_id, i.experts), 0)]
+                   and i.replica >= wanted.get(i.version, 0)]
             return sorted(out, key=lambda i: i.requested_at)
 
     def _of(self, spec: FunctionSpec) -> list[Instance]:
@@ -178,7 +183,7 @@ class Registry:
     # -- data plane (engine thread) --------------------------------------------------------------
 
     def version(self, function_id: str) -> tuple[str, frozenset]:
-        """The plan's function as its instances are told apart: id and experts."""
+        """The plan's function as its instances are told apart (Instance.version)."""
         spec = self.functions.get(function_id)
         return function_id, frozenset(spec.experts if spec is not None else ())
 
