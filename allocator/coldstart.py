@@ -17,8 +17,9 @@ Model (processor sharing, per node, deterministic):
 - Each cold start needs ``spawn_s`` CPU-seconds of the zygote (the fork; serial: one at a time)
   and then ``init_s = cold_start(bytes) - spawn_s`` CPU-seconds of its own (INIT), both as
   measured alone on a 1 vCPU share by ``moemesh profile``.
-- The node's ``cpus`` are shared among the spawn path (while forks are queued; weight 3: the
-  daemon, the zygote and the new child each take a share) and the workers in INIT (weight 1
+- The node's ``cpus`` are shared among the spawn path (while forks are queued; weight
+  ``spawn_shares``: the daemon, the zygote and the new child each take a share, 3 by default,
+  fitted per host by `moemesh profile` from a burst of cold starts, :func:`fit_spawn_shares`) and the workers in INIT (weight 1
   each, at most one CPU: INIT is one thread). See :func:`simulate_node` for the fit. The
   function's CPU quota is not applied to INIT: measured, 4- and 8-expert functions of 0.325
   vCPU took 0.09 s of INIT, against 0.05-0.07 s alone at 1 vCPU (the quota would make it
@@ -171,8 +172,31 @@ def simulate_node(
     return np.array(ready), np.array(ready) - np.array(started)
 
 
-def cold_timeline(replicas: Sequence[ColdReplica], cluster: Cluster) -> ColdTimeline:
-    """Ready time and INIT of every cold replica, each node simulated on its own."""
+def fit_spawn_shares(cpus: float, spawn_s: float, init_s: Sequence[float], measured_init_s: float,
+                     grid: Sequence[float] = tuple(0.25 * k for k in range(1, 65))) -> float:
+    """The spawn-path weight with which :func:`simulate_node` bills a burst's measured INIT.
+
+    A burst of ``len(init_s)`` cold starts requested at once on a node of ``cpus``: each needs
+    ``spawn_s`` of fork and ``init_s[k]`` of INIT alone (as the estimator models them); the
+    measured INIT summed over the burst is ``measured_init_s``. Returns the weight of ``grid``
+    whose simulated sum is nearest (the sum grows with the weight: the forks take CPU from
+    the INITs while they last). `moemesh profile` measures the burst on this host
+    (mesh/profiling/measure.py ``cold_burst``), so the contention is today's, not a constant."""
+    if not init_s or measured_init_s <= 0:
+        raise ValueError("fit_spawn_shares: need a burst and a measured INIT > 0")
+    spawn = [spawn_s] * len(init_s)
+
+    def error(weight: float) -> float:
+        _, init = simulate_node(cpus, spawn, init_s, spawn_shares=weight)
+        return abs(float(init.sum()) - measured_init_s)
+
+    return min(grid, key=error)
+
+
+def cold_timeline(replicas: Sequence[ColdReplica], cluster: Cluster,
+                  spawn_shares: float = SPAWN_PATH_SHARES) -> ColdTimeline:
+    """Ready time and INIT of every cold replica, each node simulated on its own
+    (``spawn_shares``: the spawn path's CPU weight, Profiles.spawn_shares)."""
     ready = np.zeros(len(replicas))
     init = np.zeros(len(replicas))
     by_node: dict[str, list[int]] = {}
@@ -185,6 +209,7 @@ def cold_timeline(replicas: Sequence[ColdReplica], cluster: Cluster) -> ColdTime
             [replicas[m].spawn_s for m in members],
             [replicas[m].init_s for m in members],
             [replicas[m].cpu_cap for m in members],
+            spawn_shares,
         )
         ready[members], init[members] = r, i
     return ColdTimeline(tuple(replicas), ready, init)

@@ -128,10 +128,18 @@ class Estimate:
     layer_prefill_s: tuple[float, ...]
     layer_decode_s: tuple[float, ...]
     function_init_gb_s: float = 0.0
+    init_money: float = 0.0  # the part of ``money`` that is the cold replicas' INIT
 
     @property
     def billed_gb_s(self) -> float:
         return self.cpu_gb_s + self.gpu_gb_s
+
+    def amortised_money(self, reuse: float) -> float:
+        """Money per request when this request's cold starts serve ``reuse`` requests in all
+        (>= 1): the INIT is paid once for the instances the next requests find warm."""
+        if reuse < 1:
+            raise ValueError(f"amortised_money: reuse must be >= 1, got {reuse}")
+        return self.money - self.init_money * (1.0 - 1.0 / reuse)
 
     def slo_violation(self, slo: SLO) -> float:
         """0 when both SLOs hold, else the worse relative excess (0.1 = 10 % over)."""
@@ -274,7 +282,9 @@ def _phase(
     """slots: [entries] expected token-slots of each served expert on one step.
 
     A remote call is billed (invocation mode) for its own compute rounded up to ``round_s``,
-    not for the transfer: the meter bills the worker's own execution time.
+    not for the transfer: the meter bills the worker's own execution time
+    (``profiles.billed_expert``; the call's latency, ``profiles.expert``, also holds the CFS
+    stalls a small CPU share waits out before its call starts, which nobody bills).
 
     Branches of a layer run in parallel only as far as the function nodes' CPUs allow: a layer
     takes at least its remote CPU branches' expected work (seconds x vCPU share, summed) over
@@ -297,10 +307,16 @@ def _phase(
         profiles.expert.expected_seconds(branches.speed_gb[branches.entry_branch], tokens),
     )
     compute = np.bincount(branches.entry_branch, work, count)
+    billed_work = np.where(
+        on_gpu,
+        work,
+        profiles.billed_expert.expected_seconds(branches.speed_gb[branches.entry_branch], tokens),
+    )
+    billed_compute = np.bincount(branches.entry_branch, billed_work, count)
     payload = 2.0 * profiles.shape.activation_bytes * call_tokens / spread
     transfer = np.where(branches.remote, profiles.scatter_gather(payload), 0.0)
     time_s = np.where(probability > 0, compute + transfer, 0.0)
-    billed = np.where(probability > 0, billed_call_s(compute, round_s), 0.0)
+    billed = np.where(probability > 0, billed_call_s(billed_compute, round_s), 0.0)
     layer_s = np.zeros(layers)
     layer_slots = np.bincount(branches.layer, total, layers)
     for layer in range(layers):
@@ -381,6 +397,7 @@ def estimate(
             for index, node in place_cold(plan, cold_replicas, cluster, warm)
         ],
         cluster,
+        profiles.spawn_shares,
     )
     ready_s = np.append(timeline.function_ready_s(count), 0.0)
     main_bytes = shape.main_bytes + len(plan.local) * shape.bytes_per_expert
@@ -420,6 +437,11 @@ def estimate(
         )
     gb_s = memory * seconds if count else np.zeros(0)
     init_gb_s = float(np.sum(memory * init)) if count else 0.0
+    init_money = (
+        float(np.sum(memory * init * np.where(on_gpu, prices.gpu_gb_s, prices.cpu_gb_s)))
+        if count
+        else 0.0
+    )
     function_gb_s = {f.id: float(v) for f, v in zip(plan.functions, gb_s)}
     gpu_gb_s = float(gb_s[on_gpu].sum()) if count else 0.0
     cpu_gb_s = float(gb_s.sum()) - gpu_gb_s if count else 0.0
@@ -452,6 +474,7 @@ def estimate(
         main_gb_s=main_gb_s,
         function_gb_s=function_gb_s,
         function_init_gb_s=init_gb_s,
+        init_money=init_money,
         cpu_gb_s=cpu_gb_s,
         gpu_gb_s=gpu_gb_s,
         invocations=calls,

@@ -23,6 +23,14 @@ Entry point: :func:`plan`. What it adds to Remoe (allocator.remoe), in order:
    loaded function; main memory one step down. Each move is kept only when the key
    improves; ``search_passes`` passes.
 
+6. **Cold starts amortised over their reuse.** A candidate's cold replicas are judged against
+   the instances warm now, so a layout unlike the plan in force pays every function's INIT on
+   this one request; but the instances it starts serve the requests that follow while they
+   stay warm. The key's money spreads INIT over ``reuse`` requests (the caller's estimate:
+   1 + the arrival rate x the keep-alive, mesh.planning.expected_reuse), so a layout that is
+   cheaper per request wins once its switch pays within that horizon, and an idle mesh
+   (reuse 1) judges every switch on the one request, as before.
+
 Every step keeps a plan only when its key is strictly better, and Remoe's own plan is a
 candidate, so the result's key is never worse than Remoe's on the estimator (tested in
 tests/allocator/test_moemesh.py). With confidence 1 the hedged loads equal the forecast,
@@ -57,15 +65,18 @@ def _better(new: Key, old: Key) -> bool:
 
 
 class _Judge:
-    """The key of a plan: (SLO violation, hedged SLO violation, money); counts its calls."""
+    """The key of a plan: (SLO violation, hedged SLO violation, money); counts its calls.
 
-    def __init__(self, forecast, profiles, slo, cluster, workload, warm) -> None:
+    Money is the request's with its cold starts' INIT spread over ``reuse`` requests (step 6
+    of the module docstring)."""
+
+    def __init__(self, forecast, profiles, slo, cluster, workload, warm, reuse: float = 1.0) -> None:
         top_k = profiles.shape.top_k
         self.loads = Loads.from_forecast(forecast, workload, top_k)
         self.hedged = self.loads.hedged(forecast.confidence)
         self.same = forecast.confidence >= 1.0
         self.args = (profiles, cluster, workload)
-        self.slo, self.warm = slo, tuple(warm)
+        self.slo, self.warm, self.reuse = slo, tuple(warm), float(reuse)
         self.calls = 0
 
     def __call__(self, plan: Plan) -> Key:
@@ -79,7 +90,7 @@ class _Judge:
                 estimate(plan, self.hedged, *self.args, warm=self.warm).slo_violation(self.slo), 9
             )
         )
-        return (float(violation), float(hedged), float(result.money))
+        return (float(violation), float(hedged), float(result.amortised_money(self.reuse)))
 
 
 def _layer_functions(plan: Plan, layer: int) -> list[int]:
@@ -271,13 +282,14 @@ def plan(
     max_replicas: int = 8,
     tight_ttft: float = 0.9,
     search_passes: int = 2,
+    reuse: float = 1.0,
 ) -> Plan:
     """moemesh's plan (module docstring): never worse than Remoe's under the estimator's key."""
     check_inputs(forecast, profiles, workload)
-    if search_passes < 0 or not 0 < tight_ttft <= 1:
-        raise ValueError("moemesh: need search_passes >= 0 and 0 < tight_ttft <= 1")
+    if search_passes < 0 or not 0 < tight_ttft <= 1 or not reuse >= 1:
+        raise ValueError("moemesh: need search_passes >= 0, 0 < tight_ttft <= 1 and reuse >= 1")
     shape = profiles.shape
-    judge = _Judge(forecast, profiles, slo, cluster, workload, warm)
+    judge = _Judge(forecast, profiles, slo, cluster, workload, warm, reuse)
     confidence = float(forecast.confidence)
     options = {"hoeffding": hoeffding, "eta": eta, "max_replicas": max_replicas}
 
@@ -383,6 +395,7 @@ def plan(
         "moves": search.moves,
         "hedging": {"confidence": confidence, "hoeffding_hedged": hoeffding * (2.0 - confidence)},
         "estimator_calls": judge.calls,
+        "reuse": judge.reuse,
     }
     result = Plan(
         "moemesh", chosen.main, chosen.local, chosen.functions, chosen.micro_batch_tokens, params

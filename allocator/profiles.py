@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.optimize import curve_fit, nnls
 
+from allocator.coldstart import SPAWN_PATH_SHARES
 from allocator.model import ModelShape
 
 FAMILIES = ("exponential", "hyperbolic")
@@ -350,6 +351,12 @@ def _curve_from_dict(data: Mapping) -> Curve:
     raise ValueError(f"unknown curve family {data['family']!r}")
 
 
+def _latency_from_dict(data: Mapping | None) -> ExpertLatency | None:
+    if data is None:
+        return None
+    return ExpertLatency(_curve_from_dict(data["curve"]), float(data["token_slope"]))
+
+
 def _curve_to_dict(curve: Curve) -> dict:
     saturation = None if math.isinf(curve.saturation_gb) else curve.saturation_gb
     return {"family": curve.family, **curve.parameters(), "saturation_gb": saturation}
@@ -383,6 +390,11 @@ class Profiles:
     runtime_gb:      memory of a worker besides its weights and buffers
     reports:         the fits' quality, for the record
     spawn_s:         the fork part of ``cold_start`` (one at a time per node; not INIT)
+    spawn_shares:    the spawn path's CPU weight while forks queue on a node (allocator.coldstart),
+                     fitted by `moemesh profile` to a burst of cold starts on this host
+    expert_billed:   the worker's own execution time of a CPU call vs (memory_gb, tokens): what
+                     invocation billing bills (``expert`` is the caller's wait, which also holds
+                     the CFS stalls of a small share before the call starts); None: ``expert``
     """
 
     host: str
@@ -397,12 +409,21 @@ class Profiles:
     runtime_gb: float = 0.1
     reports: tuple[FitReport, ...] = ()
     spawn_s: float = 0.0
+    spawn_shares: float = SPAWN_PATH_SHARES
+    expert_billed: ExpertLatency | None = None
+
+    @property
+    def billed_expert(self) -> ExpertLatency:
+        """The curve a CPU call is billed by (``expert_billed``, else ``expert``)."""
+        return self.expert_billed if self.expert_billed is not None else self.expert
 
     def __post_init__(self) -> None:
         if self.runtime_gb < 0:
             raise ValueError(f"Profiles: runtime_gb must be >= 0, got {self.runtime_gb}")
         if self.spawn_s < 0:
             raise ValueError(f"Profiles: spawn_s must be >= 0, got {self.spawn_s}")
+        if self.spawn_shares <= 0:
+            raise ValueError(f"Profiles: spawn_shares must be > 0, got {self.spawn_shares}")
 
     def init_s(self, weight_bytes):
         """INIT of a cold start alone (limits, weights, ready): the cold start less its fork."""
@@ -421,6 +442,11 @@ class Profiles:
             **{name: asdict(getattr(self, name)) for name in linear},
             "runtime_gb": self.runtime_gb,
             "spawn_s": self.spawn_s,
+            "spawn_shares": self.spawn_shares,
+            "expert_billed": None if self.expert_billed is None else {
+                "curve": _curve_to_dict(self.expert_billed.curve),
+                "token_slope": self.expert_billed.token_slope,
+            },
             "reports": [asdict(r) for r in self.reports],
         }
 
@@ -437,13 +463,13 @@ class Profiles:
             host=data["host"],
             model=data["model"],
             shape=ModelShape(**data["shape"]),
-            expert=ExpertLatency(
-                _curve_from_dict(data["expert"]["curve"]), float(data["expert"]["token_slope"])
-            ),
+            expert=_latency_from_dict(data["expert"]),
             **{name: LinearModel(**data[name]) for name in linear},
             runtime_gb=float(data["runtime_gb"]),
             reports=tuple(reports),
             spawn_s=_spawn_s(data),
+            spawn_shares=float(data.get("spawn_shares") or SPAWN_PATH_SHARES),
+            expert_billed=_latency_from_dict(data.get("expert_billed")),
         )
 
     def to_json(self) -> str:

@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,7 @@ FIXED_POLICIES = ("all-local", "all-remote", "static-split", "cpu-only", "gpu-on
 HUNG_BACKSTOP_S = 6.0
 DROP_WINDOW_S = 1.0  # after a control connection drops, a node silent this long is dead
 GHOST_RETRY_S = 5.0  # a ghost still reported this long after its StopFunction is asked again
+REUSE_WINDOW = 16  # admissions whose rate sets a plan's expected reuse (planning.expected_reuse)
 
 
 @dataclass
@@ -126,6 +128,7 @@ class Coordinator:
         )
         self.registry = Registry()
         self.since_plan = 0
+        self.arrivals: deque[float] = deque(maxlen=REUSE_WINDOW)  # admission times (planning.expected_reuse)
         self.guard_tripped = False  # the meter guard (see _guarded_config)
         # Memory held = memory billed: the main function holds the non-expert weights and only the
         # experts its plan keeps local (loaded below, once the plan is made).
@@ -215,6 +218,7 @@ class Coordinator:
         from allocator.model import WarmInstance, Workload
 
         workload = Workload(max(1, prompt_tokens), max(1, new_tokens))
+        self.arrivals.append(time.monotonic())
         try:
             forecast = self.predictor.forecast(features)
         except Exception as exc:  # e.g. the oracle asked about a prompt it has not seen
@@ -260,7 +264,7 @@ class Coordinator:
         start = time.perf_counter()
         try:
             plan = planning.make_plan(self._guarded_config(), self.model.config, forecast, workload, warm=warm,
-                                      profiles=self.profiles)
+                                      profiles=self.profiles, reuse=self._reuse())
         except Exception as exc:  # a policy that cannot plan keeps the plan in force
             log.warning("policy %s could not plan (%s); keeping the plan in force", self.config.policy.name, exc)
             return
@@ -275,6 +279,13 @@ class Coordinator:
         log.info("re-planned with %s in %.1f ms: %d local experts, %d functions (forecast by %s, confidence %.2f)",
                  plan.policy, (time.perf_counter() - start) * 1e3, len(plan.local), len(plan.functions),
                  forecast.source, forecast.confidence)
+
+    def _reuse(self) -> float:
+        """Requests a plan's cold starts are expected to serve (planning.expected_reuse): the
+        arrival rate of the last REUSE_WINDOW admissions x the keep-alive ("none": 1)."""
+        f = self.config.functions
+        keep_alive_s = 0.0 if f.keep_alive_policy == "none" else f.keep_alive_s
+        return planning.expected_reuse(self.arrivals, keep_alive_s)
 
     def _adopt(self, plan) -> None:
         """The plan's functions are what the registry spawns and the executor calls, each with its

@@ -31,7 +31,7 @@ import zmq
 
 from allocator.capacity import capacity_drop
 from mesh.errors import ProtocolError
-from mesh.functions import Instance, Registry, State
+from mesh.functions import Instance, Registry, State, Version
 from mesh.main_experts import MainExperts
 from mesh.meter import Meter, Reply, RoundRecord
 from mesh.protocol import ExpertCall, ExpertResult, WorkerError, decode, encode
@@ -125,7 +125,7 @@ class MeshExecutor:
         self._record: RoundRecord | None = None  # the round in progress
         self._seen_generation = -1
         # functions that have had a warm instance, by id and experts: a re-plan may give an id others
-        self._seen_warm: set[tuple[str, frozenset]] = set()
+        self._seen_warm: set[Version] = set()
         # layer -> [rounds, seconds, calls, bytes sent, slowest compute, scatter seconds, summed compute]
         # (remote rounds only)
         self.rounds: dict[int, list] = {}

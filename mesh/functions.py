@@ -58,9 +58,19 @@ class Instance:
         return self.state in (State.STARTING, State.WARM)
 
     @property
-    def version(self) -> tuple[str, frozenset]:
-        """Which function it serves: id and experts (a re-plan may give an id other experts)."""
-        return self.function_id, self.experts
+    def version(self) -> Version:
+        """Which function it serves: id, experts and memory (a re-plan may give an id other
+        experts, or resize it: an instance of another size is not what the plan runs)."""
+        return version_of(self.function_id, self.experts, self.memory_gb)
+
+
+Version = tuple[str, frozenset, float]
+
+
+def version_of(function_id: str, experts, memory_gb: float) -> Version:
+    """A function as its instances are told apart: what the planner's estimate counts as warm
+    (allocator.cost matches a warm instance by experts and memory) is what the mesh calls."""
+    return function_id, frozenset(experts), round(float(memory_gb), 6)
 
 
 class Registry:
@@ -69,6 +79,7 @@ class Registry:
         self.plan: Plan | None = None
         self.owner: dict[Expert, str] = {}  # expert -> function id (absent: local)
         self.functions: dict[str, FunctionSpec] = {}
+        self._versions: dict[str, Version] = {}
         self.instances: dict[str, Instance] = {}
         self._ids = itertools.count()
         # Instance ids are unique across coordinator restarts: a re-registered daemon may still
@@ -86,6 +97,7 @@ class Registry:
         with self.cond:
             self.plan = plan
             self.functions = {f.id: f for f in plan.functions}
+            self._versions = {f.id: version_of(f.id, f.experts, f.memory_gb) for f in plan.functions}
             self.owner = {e: f.id for f in plan.functions for e in f.experts}
             self._changed()
 
@@ -154,9 +166,9 @@ class Registry:
             return sorted(out, key=lambda i: i.requested_at)
 
     def _of(self, spec: FunctionSpec) -> list[Instance]:
-        """Live instances that serve exactly this function's experts (same id and same expert set)."""
-        experts = frozenset(spec.experts)
-        return [i for i in self._live.get(spec.id, ()) if i.experts == experts]
+        """Live instances that serve exactly this function (same id, expert set and memory)."""
+        wanted = self.version(spec.id)
+        return [i for i in self._live.get(spec.id, ()) if i.version == wanted]
 
     def _forget(self, inst: Instance) -> None:
         live = self._live.get(inst.function_id, [])
@@ -182,10 +194,10 @@ class Registry:
 
     # -- data plane (engine thread) --------------------------------------------------------------
 
-    def version(self, function_id: str) -> tuple[str, frozenset]:
-        """The plan's function as its instances are told apart (Instance.version)."""
-        spec = self.functions.get(function_id)
-        return function_id, frozenset(spec.experts if spec is not None else ())
+    def version(self, function_id: str) -> Version:
+        """The plan's function as its instances are told apart (Instance.version; cached at set_plan)."""
+        cached = self._versions.get(function_id)
+        return cached if cached is not None else version_of(function_id, (), 0.0)
 
     def serving(self, function_id: str) -> tuple[list[Instance], bool]:
         """(warm instances of the function, whether another is still starting)."""

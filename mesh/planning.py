@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -248,9 +249,25 @@ def slo_of(config: MeshConfig, slo_class: str | None = None) -> SLO:
     return SLO(c.ttft_s, c.tpot_s)
 
 
+def expected_reuse(arrivals: Sequence[float], keep_alive_s: float) -> float:
+    """How many requests, this one included, the instances a plan starts now are expected to
+    serve: 1 + the recent arrival rate (requests per second over ``arrivals``, admission times in
+    seconds, oldest first) x ``keep_alive_s`` (what an instance waits idle before it scales to
+    zero). 1 with fewer than two arrivals or no keep-alive: nothing to amortise over."""
+    if keep_alive_s <= 0 or len(arrivals) < 2:
+        return 1.0
+    span = float(arrivals[-1]) - float(arrivals[0])
+    if span <= 0:
+        return 1.0
+    return 1.0 + (len(arrivals) - 1) / span * keep_alive_s
+
+
 def make_plan(config: MeshConfig, model: MoEConfig, forecast: Forecast | None = None,
-              workload: Workload | None = None, warm=(), profiles: Profiles | None = None) -> Plan:
-    """Run the configured policy (profiles: pass them to skip reading the stored ones again)."""
+              workload: Workload | None = None, warm=(), profiles: Profiles | None = None,
+              reuse: float = 1.0) -> Plan:
+    """Run the configured policy (profiles: pass them to skip reading the stored ones again;
+    reuse: the requests its cold starts are expected to serve, expected_reuse, which the
+    `moemesh` policy spreads their INIT over)."""
     profiles = profiles or profiles_of(config, model)
     shape = profiles.shape
     workload = workload or DEFAULT_WORKLOAD
@@ -271,6 +288,8 @@ def make_plan(config: MeshConfig, model: MoEConfig, forecast: Forecast | None = 
             options["price_per_hour"] = config.billing.serverful_price_per_hour
         return paper_baselines.POLICIES[name](forecast, profiles, slo_of(config), cluster_of(config), workload,
                                               **options)
+    if name == "moemesh":
+        options["reuse"] = max(1.0, float(reuse))
     return allocator.make_plan(name, forecast, profiles, slo_of(config), cluster_of(config), workload, **options)
 
 

@@ -27,7 +27,10 @@ report, run); this module is the command.
    (never throttled) against the bytes of a call (activations sent + received): a linear fit.
 3. Cold start: functions holding 1, 2, 4, 16 experts (--cold-experts) spawned --cold-repeats times;
    seconds from SpawnFunction to InstanceReady against the weight bytes the worker read, plus
-   the worker's own stage times (spawn, limits, weights, ready): a linear fit.
+   the worker's own stage times (spawn, limits, weights, ready): a linear fit. Then a burst of
+   --cold-burst one-expert functions requested at once: the daemon forks them one after another
+   and their INITs share the CPUs; the spawn path's CPU weight in allocator.coldstart is fitted
+   so that the modelled INIT summed over the burst is the measured one (what the meter bills).
 4. CFS period: the same small call (--period-tokens) at --period-memory (0.25 GB = 25 % of a
    vCPU) for --period-seconds of back-to-back calls, under --period-us and under
    --period-us-compare (a second daemon): median, p90, p99, max.
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold-experts", default=",".join(map(str, d.cold_experts)), help="experts per cold-started function")
     ap.add_argument("--cold-repeats", type=int, default=d.cold_repeats)
     ap.add_argument("--cold-memory", type=float, default=d.cold_memory, help="GB of the cold-started functions")
+    ap.add_argument("--cold-burst", type=int, default=d.cold_burst,
+                    help="one-expert functions cold-started at once to fit the spawn-path weight (0: keep 3)")
     ap.add_argument("--saturation-gb", type=float, default=None,
                     help="memory beyond which a function is no faster (default threads_per_function x gb_per_vcpu)")
     ap.add_argument("--family", default=d.family, choices=("best", *FAMILIES), help="the fit to store")
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         period_us=args.period_us, period_us_compare=args.period_us_compare, period_memory=args.period_memory,
         period_tokens=args.period_tokens, period_seconds=args.period_seconds,
         cold_experts=tuple(_ints(args.cold_experts)), cold_repeats=args.cold_repeats, cold_memory=args.cold_memory,
-        saturation_gb=args.saturation_gb, family=args.family, out=args.out, host=args.host, config=args.config,
+        cold_burst=args.cold_burst, saturation_gb=args.saturation_gb, family=args.family, out=args.out, host=args.host, config=args.config,
         quiet=args.quiet,
     )
     try:

@@ -37,11 +37,12 @@ def ensure_profiles(config) -> Path | None:
     if config.policy.profiles != "auto":
         return None
     path = stored_path(config)
-    if path.is_file():
+    stale = stale_reason(path)
+    if stale is None:
         return path
     from mesh.profile import Settings, render, run_profile
 
-    print(f"profiles: none measured for this host and model yet: measuring now, cached in {path} "
+    print(f"profiles: {stale}: measuring now, cached in {path} "
           "(set [policy] profiles = \"synthetic\" to skip)", file=sys.stderr, flush=True)
     result = run_profile(Settings(model=str(config.model.resolved_path()), period_us_compare=0,
                                   out=DEFAULT_OUT, host=default_host(), dtype=config.model.dtype,
@@ -50,12 +51,29 @@ def ensure_profiles(config) -> Path | None:
     return path
 
 
+def stale_reason(path: Path) -> str | None:
+    """Why the profile at `path` must be measured (again), or None: none is stored, or it was
+    measured before `moemesh profile` measured a burst of cold starts (its spawn-path weight
+    would be the built-in 3, fitted on another day: allocator.coldstart)."""
+    import json
+
+    if not path.is_file():
+        return "none measured for this host and model yet"
+    try:
+        measurement = json.loads(path.read_text()).get("measurement") or {}
+    except (OSError, ValueError, AttributeError):
+        return f"{path} is unreadable"
+    if "cold_burst" not in measurement:
+        return f"{path} predates the cold-start burst measurement (spawn-path weight not fitted)"
+    return None
+
+
 def sized_for(config) -> dict:
     """Profile settings whose functions can hold this model's experts: the memory sweep starts at
     the smallest 0.25 GB multiple that holds one expert (weights x 1.25 + 0.15 GB of runtime after
     the fork) and doubles three times; cold starts use the expert counts that fit 4 GB. For the
     bundled model and Qwen-sized experts these are the defaults (0.25 .. 2 GB; 1, 2, 4, 16
-    experts at 1 GB); a Mixtral-sized expert (336 MB in bf16) sweeps 0.75 .. 6 GB, with fewer calls
+    experts at 1 GB; a burst of 48 one-expert functions); a Mixtral-sized expert (336 MB in bf16; a burst of 11) sweeps 0.75 .. 6 GB, with fewer calls
     per point (a 64-row call of it takes seconds at 0.75 vCPU: 50 calls of each size would take
     half an hour; 8 take about two minutes in all)."""
     import math
@@ -74,4 +92,5 @@ def sized_for(config) -> dict:
     calls = 50 if expert_gb < 0.05 else 8
     return {"memory": (base, 2 * base, 4 * base, 8 * base), "period_memory": base,
             "cold_experts": cold, "cold_memory": max(1.0, holding(max(cold))),
+            "cold_burst": min(48, max(4, int(4.0 / expert_gb))),  # at most ~4 GB of weights at once
             "calls": calls, "rounds": min(10, calls // 2)}

@@ -3,7 +3,8 @@
     expert_points(samples, ...)  per (memory, tokens) point: round-trip and compute stats, the
                                  transport overhead of the call size, the fitted quantity expert_s
     fit_profiles(...)            expert time vs (memory, tokens): both families; transport
-                                 overhead vs call bytes and cold start vs weight bytes: linear
+                                 overhead vs call bytes and cold start vs weight bytes: linear;
+                                 the spawn path's CPU weight from a burst of cold starts
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import OptimizeWarning
 
+from allocator.coldstart import fit_spawn_shares, simulate_node
 from allocator.profiles import (
     FitReport,
     LatencyFit,
     LinearModel,
     ModelShape,
+    SYNTHETIC_SPAWN_S,
     Profiles,
     fit_expert_latency,
     fit_linear,
@@ -55,12 +58,14 @@ def expert_points(samples: dict, memory_sizes, token_counts, activation_bytes: i
 
 @dataclass
 class Fitted:
-    """fit_profiles' result: the Profiles to store, both expert fits, and the [n, 3] points
-    (memory_gb, tokens, expert_s) they were fitted to (memory uncapped, for the plot)."""
+    """fit_profiles' result: the Profiles to store, both expert fits, the [n, 3] points
+    (memory_gb, tokens, expert_s) they were fitted to (memory uncapped, for the plot), and the
+    burst fit's report (fit_burst; None without a burst)."""
 
     profiles: Profiles
     fit: LatencyFit
     points: np.ndarray
+    burst: dict | None = None
 
 
 def _linear(x: list[float], y: list[float]) -> tuple[LinearModel, FitReport]:
@@ -71,12 +76,31 @@ def _linear(x: list[float], y: list[float]) -> tuple[LinearModel, FitReport]:
     return LinearModel(mean, 0.0), FitReport("linear", {"intercept": mean, "slope": 0.0}, 0.0, 0.0, math.inf, len(y))
 
 
+def fit_burst(profiles: Profiles, burst: dict) -> tuple[Profiles, dict]:
+    """(profiles with spawn_shares fitted to the burst, the fit's report): the weight with which
+    allocator.coldstart bills the burst's measured INIT, given the INIT alone each instance has
+    in ``profiles`` (cold start less fork); the report puts the modelled sum, mean and last
+    ready beside the measured ones."""
+    alone = [float(profiles.init_s(b)) for b in burst["bytes"]]
+    cpus, spawn = float(burst["cpus"]), profiles.spawn_s
+    shares = fit_spawn_shares(cpus, spawn, alone, burst["init_sum_s"])
+    ready, init = simulate_node(cpus, [spawn] * len(alone), alone, spawn_shares=shares)
+    report = {"spawn_shares": shares, "functions": len(alone), "cpus": cpus, "init_alone_s": float(np.mean(alone)),
+              "init_sum_s": {"measured": burst["init_sum_s"], "modelled": float(init.sum())},
+              "init_mean_s": {"measured": float(np.mean(burst["init_s"])), "modelled": float(init.mean())},
+              "last_ready_s": {"measured": burst["last_ready_s"], "modelled": float(ready.max())}}
+    return dataclasses.replace(profiles, spawn_shares=shares), report
+
+
 def fit_profiles(rows: list[dict], overhead: dict[int, float], cold: list[dict], shape: ModelShape, host: str,
-                 model_name: str, activation_bytes: int, saturation_gb: float, family: str = "best") -> Fitted:
+                 model_name: str, activation_bytes: int, saturation_gb: float, family: str = "best",
+                 burst: dict | None = None) -> Fitted:
     """Profiles.synthetic(shape) with the measured expert curve (the family with the smaller
     residual standard error, or `family`), scatter-gather (transport overhead vs the call's
     bytes, activations sent + received, activation_bytes a row in the [model] dtype) and cold
-    start (seconds vs weight bytes read)."""
+    start (seconds vs weight bytes read), the billed curve (the workers' mean compute_s, best
+    family: what invocation billing bills), and with a burst (measure.cold_burst) the spawn
+    path's weight (fit_burst; its report in Fitted.burst)."""
     tokens = sorted(overhead)
     points = np.array([[r["memory_gb"], r["tokens"], r["expert_s"]] for r in rows])
     fit_points = points.copy()
@@ -86,12 +110,25 @@ def fit_profiles(rows: list[dict], overhead: dict[int, float], cold: list[dict],
         fit = fit_expert_latency(fit_points, saturation_gb=saturation_gb,
                                  token_slope=None if len(tokens) > 1 else 0.0)
     chosen = fit.best if family == "best" else fit.candidates[family]
+    # What invocation billing bills: the worker's own execution time (mean compute_s per point).
+    billed_points = np.array([[r["memory_gb"], r["tokens"], max(r["compute_s"]["mean"], 1e-7)] for r in rows])
+    billed_points[:, 0] = np.minimum(billed_points[:, 0], saturation_gb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OptimizeWarning)
+        billed = fit_expert_latency(billed_points, saturation_gb=saturation_gb,
+                                    token_slope=None if len(tokens) > 1 else 0.0).best
     scatter_gather, sg_report = _linear([2 * t * activation_bytes for t in tokens], [overhead[t] for t in tokens])
     cold_start, cold_report = _linear([c["bytes"] for c in cold], [c["seconds"] for c in cold])
+    spawns = [c["stages"]["spawn"] for c in cold if "spawn" in (c.get("stages") or {})]
     profiles = dataclasses.replace(
         Profiles.synthetic(shape, host=host), model=model_name, expert=chosen,
         scatter_gather=scatter_gather, cold_start=cold_start,
+        spawn_s=float(np.median(spawns)) if spawns else SYNTHETIC_SPAWN_S,  # as Profiles.from_dict reads it
+        expert_billed=billed,
         reports=(*fit.reports, dataclasses.replace(sg_report, family="scatter_gather"),
                  dataclasses.replace(cold_report, family="cold_start")),
     )
-    return Fitted(profiles, fit, points)
+    burst_report = None
+    if burst:
+        profiles, burst_report = fit_burst(profiles, burst)
+    return Fitted(profiles, fit, points, burst_report)

@@ -4,6 +4,8 @@
                    a second daemon at --period-us-compare: its period run
     sweep          latency vs (memory, tokens): one function per size, all warm at once
     cold_starts    seconds from SpawnFunction to InstanceReady vs the weight bytes read
+    cold_burst     --cold-burst one-expert functions requested at once: each one's fork wait,
+                   INIT and ready time (what allocator.coldstart's spawn-path weight is fitted to)
     period_run     back-to-back small calls at a fractional CPU share for a while
 
 Each function's cgroup cpu.stat is read around its calls, so what the CFS quota did (periods,
@@ -69,7 +71,8 @@ def compares(s: Settings, config: MeshConfig) -> bool:
 def steps(s: Settings, config: MeshConfig) -> int:
     """How many steps the progress bar of a run has (measure() advances all but the last)."""
     rounds = max(1, min(s.rounds, s.calls))
-    return 1 + rounds + len(s.cold_experts) * s.cold_repeats + 2 + (2 if compares(s, config) else 0)
+    return (1 + rounds + len(s.cold_experts) * s.cold_repeats + (1 if s.cold_burst else 0) + 2
+            + (2 if compares(s, config) else 0))
 
 
 @dataclass
@@ -81,12 +84,14 @@ class Measurement:
               "values", "throttling"}
     cold:     per cold start: {"experts", "bytes", "seconds", "stages"}
     periods:  per CFS period: a period_run() record
+    burst:    cold_burst()'s record, None with --cold-burst 0
     """
 
     samples: dict
     cgroups: list[dict]
     cold: list[dict]
     periods: list[dict]
+    burst: dict | None = None
 
 
 def measure(config: MeshConfig, s: Settings, model_path: Path, model: MoEConfig, memory: tuple[float, ...],
@@ -102,6 +107,8 @@ def measure(config: MeshConfig, s: Settings, model_path: Path, model: MoEConfig,
             node.wait_warm()
             samples, cgroups = sweep(node, s, memory, tokens, model.hidden_size, dtype, progress)
             cold = cold_starts(node, s, model.num_experts, model.num_moe_layers, progress)
+            burst = (cold_burst(node, s, model.num_experts, model.num_moe_layers, min(memory), progress)
+                     if s.cold_burst else None)
             progress.show(f"CFS period {f.cfs_period_us / 1000:g} ms: {s.period_seconds:g} s of calls")
             periods = [period_run(node, s, model.hidden_size, dtype)]
             progress.show("", advance=1)
@@ -119,7 +126,7 @@ def measure(config: MeshConfig, s: Settings, model_path: Path, model: MoEConfig,
         print(f"moemesh profile: logs kept in {run_dir}", file=sys.stderr)
         raise
     shutil.rmtree(run_dir, ignore_errors=True)
-    return Measurement(samples, cgroups, cold, periods)
+    return Measurement(samples, cgroups, cold, periods, burst)
 
 
 # -------------------------------------------------------------------------- cgroup counters
@@ -224,6 +231,28 @@ def cold_starts(node: Node, s: Settings, experts_per_layer: int, layers: int, pr
                         "stages": dict(ready.stages)})
             progress.show(f"cold start: {n} experts", advance=1)
     return out
+
+
+def cold_burst(node: Node, s: Settings, experts_per_layer: int, layers: int, memory_gb: float,
+               progress: Progress) -> dict:
+    """--cold-burst one-expert functions of `memory_gb` requested at once (as a plan's cold
+    replicas are) on the node's CPUs: per instance its fork wait ("spawn" stage), billed INIT
+    (limits + weights + ready: the meter's) and ready time from the first request, then all
+    stopped. The daemon forks them one after another and their INITs share the CPUs."""
+    n = min(s.cold_burst, experts_per_layer * layers)
+    progress.show(f"cold start: a burst of {n} functions at once")
+    experts = [[(i // experts_per_layer % layers, i % experts_per_layer)] for i in range(n)]
+    readies = node.spawn_burst([(e, memory_gb) for e in experts])
+    records = [read_run_record(node.run_dir, ready.instance_id) for ready, _ in readies]
+    for ready, _ in readies:
+        node.stop(ready.instance_id)
+    progress.show("", advance=1)
+    init = [sum(v for k, v in ready.stages.items() if k != "spawn") for ready, _ in readies]
+    return {"functions": n, "memory_gb": memory_gb, "cpus": node.config.nodes[0].cpus,
+            "bytes": [int(r.get("bytes_read", 0)) for r in records],
+            "ready_s": [t for _, t in readies], "init_s": init,
+            "spawn_wait_s": [float(ready.stages.get("spawn", 0.0)) for ready, _ in readies],
+            "init_sum_s": float(sum(init)), "last_ready_s": max(t for _, t in readies)}
 
 
 def period_run(node: Node, s: Settings, hidden: int, dtype) -> dict:

@@ -220,6 +220,31 @@ class Node:
                             code="function_failed", hint="give the functions more memory (--memory)")
         return msg, elapsed
 
+    def spawn_burst(self, functions: list[tuple[list[tuple[int, int]], float]]) -> list[tuple[InstanceReady, float]]:
+        """Request every (experts, memory_gb) function at once, as a plan's cold start does, and
+        wait until all serve: per function (InstanceReady, seconds from the first request to its
+        ready). Every instance that became ready is stopped again if one fails."""
+        ids, started = [], time.perf_counter()
+        for experts, memory_gb in functions:
+            self.seq += 1
+            ids.append(f"{self.name}-{self.seq}")
+            self.control.send(spawn_request(ids[-1], f"profile-{self.seq}", experts, memory_gb, self.config,
+                                            self.model_path))
+        out, failed = [], None
+        for instance_id in ids:
+            msg = self.wait(lambda m, i=instance_id: isinstance(m, InstanceReady | SpawnFailed)
+                            and m.instance_id == i)
+            if isinstance(msg, SpawnFailed):
+                failed = failed or msg
+                continue
+            out.append((msg, time.perf_counter() - started))
+        if failed is not None:
+            for ready, _ in out:
+                self.stop(ready.instance_id)
+            raise MeshError(f"spawn of {failed.instance_id} in a burst of {len(ids)} failed: {failed.error}",
+                            code="function_failed", hint="give the burst fewer functions (--cold-burst)")
+        return out
+
     def stop(self, instance_id: str) -> None:
         self.control.send(StopFunction(instance_id, "requested"))
         self.wait(lambda m: isinstance(m, InstanceStopped) and m.instance_id == instance_id, 30.0)

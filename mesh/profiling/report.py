@@ -134,6 +134,12 @@ def _cold_starts(result: dict, m: dict) -> list[str]:
     bandwidth = "inf" if math.isinf(cs.bandwidth) else f"{cs.bandwidth / 1e6:.1f}"
     out.append(f"  fit: {cs.intercept * 1e3:.1f} ms + bytes / {bandwidth} MB/s "
                f"(RMSE {_report(result['profiles'], 'cold_start').rmse_s * 1e3:.2f} ms)")
+    b = result.get("burst")
+    if b:
+        out.append(f"  burst of {b['functions']} at once on {b['cpus']:g} CPUs: INIT mean "
+                   f"{b['init_mean_s']['measured'] * 1e3:.0f} ms (alone {b['init_alone_s'] * 1e3:.0f} ms), "
+                   f"last ready {b['last_ready_s']['measured']:.2f} s; spawn-path weight {b['spawn_shares']:g} "
+                   f"models {b['init_mean_s']['modelled'] * 1e3:.0f} ms and {b['last_ready_s']['modelled']:.2f} s")
     return out
 
 

@@ -69,7 +69,7 @@ def run_profile(s: Settings) -> dict:
 
     rows, overhead = expert_points(measured.samples, memory, tokens, activation_bytes, saturation)
     fitted = fit_profiles(rows, overhead, measured.cold, shape, host, model_name, activation_bytes, saturation,
-                          s.family)
+                          s.family, measured.burst)
     profiles, fit = fitted.profiles, fitted.fit
     cgroups, periods = measured.cgroups, measured.periods
     states = cgroups + [p["cgroups"] for p in periods]
@@ -88,6 +88,7 @@ def run_profile(s: Settings) -> dict:
         "saturation_gb": saturation, "chosen_family": profiles.expert.curve.family, "family_option": s.family,
         "points": rows, "transport_overhead_s": {str(t): overhead[t] for t in tokens},
         "cold_starts": measured.cold,
+        "cold_burst": {**(measured.burst or {}), "fit": fitted.burst} if measured.burst else None,
         "period_comparison": [{k: v for k, v in p.items() if k != "trace"} for p in periods],
     }
     path = profile_path(s.out, host, model_name)
@@ -101,5 +102,5 @@ def run_profile(s: Settings) -> dict:
     plot_period(periods, period_png)
     progress.done()
     return {"path": path, "fits_png": fits_png, "period_png": period_png, "profiles": profiles, "fit": fit,
-            "rows": rows, "cold": measured.cold, "periods": periods, "enforced": enforced, "skipped": skipped,
+            "rows": rows, "cold": measured.cold, "burst": fitted.burst, "periods": periods, "enforced": enforced, "skipped": skipped,
             "data": data}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mesh.profile_store import DEFAULT_OUT
 
-MEASURED = ("expert", "scatter_gather", "cold_start")  # the Profiles fields a run measures
+MEASURED = ("expert", "scatter_gather", "cold_start", "spawn_shares")  # the Profiles fields a run measures
 ASSUMED = ("gpu_expert", "dense", "main_cold_start", "runtime_gb")  # left as Profiles.synthetic has them
 
 
@@ -27,6 +27,7 @@ class Settings:
     cold_experts: tuple[int, ...] = (1, 2, 4, 16)  # experts per cold-started function
     cold_repeats: int = 3
     cold_memory: float = 1.0
+    cold_burst: int = 48  # one-expert functions of the smallest --memory requested at once (0: none)
     saturation_gb: float | None = None  # None: threads_per_function * gb_per_vcpu
     family: str = "best"  # the expert fit to store: "best" or one of allocator.profiles.FAMILIES
     out: Path = DEFAULT_OUT

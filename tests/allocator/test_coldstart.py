@@ -3,17 +3,18 @@ and the estimator terms that follow from them (INIT billed, the main function's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from allocator import moeless
-from allocator.coldstart import place_cold, simulate_node
+from allocator.coldstart import fit_spawn_shares, place_cold, simulate_node
 from allocator.cost import Loads, billed_call_s, estimate
 from allocator.model import Cluster, Node, Prices, WarmInstance, Workload
 from allocator.plan import FunctionSpec, MainSpec, Plan
-from allocator.profiles import LinearModel, Profiles
+from allocator.profiles import ExpertLatency, HyperbolicCurve, LinearModel, Profiles
 from allocator.sizing import memory_problems
 from predictor.forecast import Forecast
 
@@ -55,6 +56,57 @@ def test_the_measured_all_remote_burst():
     assert 0.04 <= float(np.mean(np.diff(started))) <= 0.06
     assert 0.35 <= float(init.mean()) <= 0.5
     assert 1.2 <= float(ready.max()) <= 1.5
+
+
+def test_the_spawn_path_weight_is_fitted_back_from_a_burst():
+    """fit_spawn_shares inverts simulate_node: the summed INIT grows with the spawn path's weight,
+    and the weight that made a burst's INIT is the one found (on the 0.25 grid)."""
+    spawn, alone = 0.02, [0.03] * 24
+    sums = [float(simulate_node(1.0, [spawn] * 24, alone, spawn_shares=w)[1].sum()) for w in (0.5, 1, 2, 4, 8)]
+    assert sums == sorted(sums) and sums[-1] > 3 * sums[0]
+    for weight in (0.75, 2.0, 3.0, 5.5):
+        measured = float(simulate_node(2.0, [spawn] * 24, alone, spawn_shares=weight)[1].sum())
+        assert fit_spawn_shares(2.0, spawn, alone, measured) == pytest.approx(weight)
+    assert fit_spawn_shares(1.0, spawn, alone, 1e6) == 16.0  # beyond the grid: its edge, never a crash
+    with pytest.raises(ValueError):
+        fit_spawn_shares(1.0, spawn, [], 1.0)
+
+
+def test_the_estimate_uses_the_profiles_spawn_path_weight():
+    plan, loads, profiles, cluster, workload = _burst_case()
+    light, heavy = (estimate(plan, loads, dataclasses.replace(profiles, spawn_shares=w), cluster, workload,
+                             main_warm=True) for w in (1.0, 6.0))
+    assert heavy.function_init_gb_s > 1.1 * light.function_init_gb_s  # the forks take more of the CPUs
+    with pytest.raises(ValueError, match="spawn_shares"):
+        dataclasses.replace(profiles, spawn_shares=0.0)
+
+
+def test_calls_are_billed_by_the_billed_curve_and_timed_by_the_latency_curve():
+    plan, loads, profiles, cluster, workload = _burst_case()
+    warm = [WarmInstance(f.id, frozenset(f.experts), f.memory_gb, "a") for f in plan.functions]
+    exact = Cluster(cluster.nodes, "main", prices=Prices(round_s=0.0))
+    latency = ExpertLatency(HyperbolicCurve(2e-4, 4e-4, 1.0), 0.05)
+    profiles = dataclasses.replace(profiles, expert=latency)
+    half = dataclasses.replace(profiles, expert_billed=ExpertLatency(HyperbolicCurve(1e-4, 2e-4, 1.0), 0.05))
+    same, halved = (estimate(plan, loads, p, exact, workload, warm=warm, main_warm=True) for p in (profiles, half))
+    assert profiles.billed_expert is profiles.expert
+    assert halved.summary()["functions_busy_gb_s"] == pytest.approx(same.summary()["functions_busy_gb_s"] / 2)
+    assert halved.tpot_s == same.tpot_s and halved.ttft_s == same.ttft_s
+    assert Profiles.from_json(half.to_json()).billed_expert == half.billed_expert
+
+
+def test_init_money_is_the_cold_starts_share_and_amortises_over_reuse():
+    plan, loads, profiles, cluster, workload = _burst_case()
+    result = estimate(plan, loads, profiles, cluster, workload, main_warm=True)
+    assert result.init_money == pytest.approx(result.function_init_gb_s * cluster.prices.cpu_gb_s)
+    assert 0 < result.init_money < result.money
+    assert result.amortised_money(1.0) == result.money
+    assert result.amortised_money(4.0) == pytest.approx(result.money - 0.75 * result.init_money)
+    warm = [WarmInstance(f.id, frozenset(f.experts), f.memory_gb, "a") for f in plan.functions]
+    hot = estimate(plan, loads, profiles, cluster, workload, warm=warm, main_warm=True)
+    assert hot.init_money == 0.0 and hot.amortised_money(100.0) == hot.money
+    with pytest.raises(ValueError, match="reuse"):
+        result.amortised_money(0.5)
 
 
 def test_cold_replicas_go_to_the_least_loaded_function_node():

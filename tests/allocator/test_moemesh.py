@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from allocator import moemesh, remoe
 from allocator.cost import Loads, estimate
@@ -104,3 +105,37 @@ def test_low_confidence_is_judged_on_hedged_loads_too(shape, profiles, workload,
     assert "remoe-hedged" in plan.params["candidates"]
     assert plan.params["hedging"]["hoeffding_hedged"] > remoe.HOEFFDING_CONSTANT
     assert plan.params["key"][1] <= plan.params["remoe_key"][1]
+
+
+def amortised_key(plan, forecast, profiles, slo, cluster, workload, reuse, warm=()):
+    """key(), with money's INIT spread over `reuse` requests (moemesh's step 6)."""
+    loads = Loads.from_forecast(forecast, workload, profiles.shape.top_k)
+    plain = estimate(plan, loads, profiles, cluster, workload, warm=warm)
+    violation, hedged, _ = key(plan, forecast, profiles, slo, cluster, workload, warm)
+    return (violation, hedged, plain.amortised_money(reuse))
+
+
+def test_cold_starts_are_judged_over_their_reuse(shape, profiles, workload, cpu_cluster, rng):
+    """With reuse R the key's money spreads INIT over R requests: the chosen plan is never worse
+    than any start candidate under that key, a reuse of 1 is the per-request judge of before,
+    and the result records the reuse it was judged with."""
+    from allocator import baselines, paper_baselines
+
+    slo = SLO(1.5, 0.05)
+    for _ in range(3):
+        forecast = random_forecast(rng, shape, workload, confidence=1.0)
+        starts = [
+            remoe.plan(forecast, profiles, slo, cpu_cluster, workload),
+            baselines.all_local(forecast, profiles, slo, cpu_cluster, workload),
+            paper_baselines.cpu_only(forecast, profiles, slo, cpu_cluster, workload),
+        ]
+        for reuse in (1.0, 40.0):
+            ours = moemesh.plan(forecast, profiles, slo, cpu_cluster, workload, reuse=reuse)
+            assert ours.params["reuse"] == reuse
+            mine = amortised_key(ours, forecast, profiles, slo, cpu_cluster, workload, reuse)
+            assert tuple(ours.params["key"]) == mine
+            for start in starts:
+                assert mine <= amortised_key(start, forecast, profiles, slo, cpu_cluster, workload, reuse)
+        assert moemesh.plan(forecast, profiles, slo, cpu_cluster, workload).params["reuse"] == 1.0
+    with pytest.raises(ValueError, match="reuse"):
+        moemesh.plan(forecast, profiles, slo, cpu_cluster, workload, reuse=0.5)

@@ -121,3 +121,25 @@ def test_a_re_plan_that_gives_a_function_id_new_experts_waits_for_its_cold_start
     registry.set_plan(Plan("test", MainSpec(1.0), frozenset(), (second,)))
     registry.new_instance(second, 0, "n1")
     assert executor._replicas("L0-r0", 0, [1, 2]) == ([], True)  # a new function: wait for it
+
+
+def test_a_re_plan_that_resizes_a_function_runs_the_new_size():
+    """What the planner assumes is what runs: the estimator counts a warm instance only when its
+    experts and memory match the plan's function, so the registry serves a resized function
+    only from instances of the new size; the old size is superseded (evictable, then gone)."""
+    registry = Registry()
+    small = FunctionSpec("L0-r0", ((0, 0), (0, 1)), 0.5)
+    registry.set_plan(Plan("test", MainSpec(1.0), frozenset(), (small,)))
+    old = registry.new_instance(small, 0, "n1")
+    registry.transition(old.instance_id, State.WARM)
+    assert registry.serving("L0-r0") == ([old], False) and registry.missing_replicas() == []
+    bigger = FunctionSpec("L0-r0", ((0, 0), (0, 1)), 0.75)  # the same experts, resized by a re-plan
+    registry.set_plan(Plan("test", MainSpec(1.0), frozenset(), (bigger,)))
+    assert registry.serving("L0-r0") == ([], False)
+    assert registry.missing_replicas() == [(bigger, 0)]
+    assert registry.superseded_on("n1") == [old]
+    new = registry.new_instance(bigger, 0, "n1")
+    registry.transition(new.instance_id, State.WARM)
+    assert registry.serving("L0-r0") == ([new], False) and new.memory_gb == 0.75
+    registry.set_plan(Plan("test", MainSpec(1.0), frozenset(), (small,)))  # and back: the old one serves
+    assert registry.serving("L0-r0") == ([old], False) and registry.superseded_on("n1") == [new]

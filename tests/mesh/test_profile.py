@@ -20,6 +20,7 @@ import pytest
 import torch
 import zmq
 
+from allocator.coldstart import SPAWN_PATH_SHARES, simulate_node
 from allocator.model import ModelShape
 from allocator.profiles import FAMILIES, Profiles
 from mesh import planning
@@ -27,7 +28,7 @@ from mesh.cli import main as cli_main
 from mesh.config import load_config
 from mesh.control import register_ack, spawn_request
 from mesh.errors import MeshError
-from mesh.profile_store import default_host, profile_path
+from mesh.profile_store import default_host, profile_path, stale_reason
 from mesh.profiling.caller import Caller
 from mesh.profiling.fit import expert_points, fit_profiles
 from mesh.profiling.node import HEARTBEAT_S, KEEP_ALIVE_S, LIVENESS, ControlPlane, node_config
@@ -53,7 +54,7 @@ slow = pytest.mark.slow  # the end-to-end tests; the pieces' tests below take mi
 def profiled(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("profiles")
     argv = ["profile", "--model", str(tiny_model), "--memory", "0.25,1", "--tokens", "1,4", "--calls", "3",
-            "--cold-experts", "1,2", "--cold-repeats", "1", "--period-seconds", "0.2",
+            "--cold-experts", "1,2", "--cold-repeats", "1", "--cold-burst", "6", "--period-seconds", "0.2",
             "--period-us", "10000", "--period-us-compare", "100000", "--out", str(out), "--quiet"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -78,6 +79,12 @@ def test_profile_writes_a_profile_that_round_trips(profiled):
     assert [c["experts"] for c in data["cold_starts"]] == [1, 2]
     assert data["cold_starts"][1]["bytes"] > data["cold_starts"][0]["bytes"] > 0
     assert all(set(c["stages"]) == {"spawn", "limits", "weights", "ready"} for c in data["cold_starts"])
+    burst = data["cold_burst"]  # six functions requested at once, then the spawn path's weight fitted
+    assert burst["functions"] == 6 and len(burst["init_s"]) == len(burst["ready_s"]) == 6
+    assert burst["init_sum_s"] == pytest.approx(sum(burst["init_s"])) and min(burst["bytes"]) > 0
+    assert burst["last_ready_s"] == max(burst["ready_s"]) > 0
+    assert profiles.spawn_shares == burst["fit"]["spawn_shares"] > 0
+    assert burst["fit"]["init_sum_s"]["measured"] == burst["init_sum_s"]
     assert [p["period_us"] for p in data["period_comparison"]] == [10_000, 100_000]
 
 
@@ -142,6 +149,20 @@ def test_profiles_of_loads_the_stored_profile_else_synthetic(profiled, tmp_path)
     measured = load_config(None, {"model.path": str(profiled["model"]), "policy.profiles": "measured"})
     with pytest.raises(MeshError, match="no measured profiles"):
         planning.profiles_of(measured, model, profiles_dir=tmp_path)
+
+
+@slow
+def test_a_profile_from_before_the_burst_is_measured_again(profiled, tmp_path):
+    """mesh-up's first-use measurement ([policy] profiles = "auto") re-measures a stored profile
+    that has no cold-start burst: its spawn-path weight would be the built-in one."""
+    assert stale_reason(profiled["path"]) is None
+    assert "none measured" in stale_reason(tmp_path / "missing.json")
+    old = json.loads(profiled["path"].read_text())
+    del old["measurement"]["cold_burst"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert "predates the cold-start burst" in stale_reason(tmp_path / "old.json")
+    (tmp_path / "bad.json").write_text("{")
+    assert "unreadable" in stale_reason(tmp_path / "bad.json")
 
 
 # ------------------------------------------------------------------ the pieces, without daemons
@@ -293,6 +314,21 @@ def test_expert_points_subtract_the_transport_and_keep_the_stalls():
     assert small["bytes"] == 256 and small["compute_s"]["n"] == 10
 
 
+def test_the_billed_curve_is_the_workers_compute_without_the_stalls():
+    """A 0.25 GB function waits out CFS stalls before its calls start: the caller's latency curve
+    holds them, the billed one (the workers' own compute, what invocation billing bills) does not."""
+    rows, overhead = expert_points(_samples(5e-3), (0.25, 1.0), (1, 4), 32, saturation_gb=1.0)
+    shape = ModelShape(moe_layers=2, experts_per_layer=4, top_k=2, hidden=8, bytes_per_expert=768,
+                       main_bytes=10_000, kv_bytes_per_token=64, activation_bytes=32, name="t")
+    cold = [{"experts": 1, "bytes": 100_000, "seconds": 0.05, "stages": {}}]
+    p = fit_profiles(rows, overhead, cold, shape, "h", "tiny", 32, saturation_gb=1.0).profiles
+    for memory, tokens in ((0.25, 1), (0.25, 4), (1.0, 1)):
+        compute = 1e-4 + 1e-4 / min(memory, 1.0) + 1e-5 * tokens
+        assert float(p.billed_expert.seconds(memory, tokens)) == pytest.approx(compute, rel=0.1)
+    assert float(p.expert.seconds(0.25, 1)) > 1.5 * float(p.billed_expert.seconds(0.25, 1))  # the stall
+    assert Profiles.from_json(p.to_json()).billed_expert == p.billed_expert
+
+
 def test_fit_profiles_recovers_known_lines_and_stores_the_best_curve():
     rows, overhead = expert_points(_samples(0.0), (0.25, 1.0), (1, 4), 32, saturation_gb=1.0)
     cold = [{"experts": n, "bytes": n * 100_000, "seconds": 0.05 + n * 100_000 / 1e7, "stages": {}} for n in (1, 2, 4)]
@@ -310,5 +346,21 @@ def test_fit_profiles_recovers_known_lines_and_stores_the_best_curve():
     for family in FAMILIES:
         assert fit_profiles(rows, overhead, cold, shape, "h", "tiny", 32, 1.0, family).profiles.expert.curve.family \
             == family
+    assert fitted.burst is None and p.spawn_shares == SPAWN_PATH_SHARES  # no burst measured: the default
+
+    # A burst whose INIT the model makes with weight 2 is fitted back to 2.
+    cold = [{**c, "stages": {"spawn": 0.01}} for c in cold]
+    base = fit_profiles(rows, overhead, cold, shape, "h", "tiny", 32, 1.0).profiles
+    assert base.spawn_s == pytest.approx(0.01)  # the median fork stage, as Profiles.from_dict reads it
+    alone = [float(base.init_s(100_000))] * 12
+    ready, init = simulate_node(2.0, [0.01] * 12, alone, spawn_shares=2.0)
+    burst = {"cpus": 2.0, "bytes": [100_000] * 12, "init_s": list(init), "init_sum_s": float(init.sum()),
+             "ready_s": list(ready), "last_ready_s": float(ready.max())}
+    fitted = fit_profiles(rows, overhead, cold, shape, "h", "tiny", 32, 1.0, burst=burst)
+    assert fitted.profiles.spawn_shares == pytest.approx(2.0)
+    assert fitted.burst["init_sum_s"]["modelled"] == pytest.approx(burst["init_sum_s"])
+    assert fitted.burst["last_ready_s"]["modelled"] == pytest.approx(burst["last_ready_s"])
+    assert Profiles.from_json(fitted.profiles.to_json()).spawn_shares == pytest.approx(2.0)
+
     one = fit_profiles(rows, overhead, cold[:1], shape, "h", "tiny", 32, 1.0).profiles.cold_start
     assert (one.intercept, one.bandwidth) == (pytest.approx(cold[0]["seconds"]), math.inf)  # one size: no slope

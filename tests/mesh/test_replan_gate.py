@@ -54,3 +54,11 @@ def test_an_slo_the_plan_in_force_misses_and_an_untimed_planner_always_re_plan()
     assert planning.replan_skip_reason(figures, plan, profiles, cluster, WORKLOAD, tight, never_worth_it) is None
     assert planning.replan_skip_reason(figures, plan, profiles, cluster, WORKLOAD, LOOSE, None) is None
     assert planning.replan_skip_reason(None, plan, profiles, cluster, WORKLOAD, LOOSE, never_worth_it) is None
+
+
+def test_expected_reuse_is_one_plus_the_arrival_rate_times_the_keep_alive():
+    assert planning.expected_reuse([], 30.0) == 1.0  # nothing seen yet: the request alone
+    assert planning.expected_reuse([5.0], 30.0) == 1.0
+    assert planning.expected_reuse([0.0, 0.0], 30.0) == 1.0  # no span to take a rate over
+    assert planning.expected_reuse([0.0, 1.0, 2.0, 4.0], 0.0) == 1.0  # keep-alive none: every start is used once
+    assert planning.expected_reuse([0.0, 1.0, 2.0, 4.0], 30.0) == 1.0 + 3 / 4 * 30.0
