@@ -172,23 +172,25 @@ def simulate_node(
     return np.array(ready), np.array(ready) - np.array(started)
 
 
-def fit_spawn_shares(cpus: float, spawn_s: float, init_s: Sequence[float], measured_init_s: float,
+def fit_spawn_shares(nodes: Sequence[tuple[float, Sequence[float]]], spawn_s: float, measured_init_s: float,
                      grid: Sequence[float] = tuple(0.25 * k for k in range(1, 65))) -> float:
     """The spawn-path weight with which :func:`simulate_node` bills a burst's measured INIT.
 
-    A burst of ``len(init_s)`` cold starts requested at once on a node of ``cpus``: each needs
-    ``spawn_s`` of fork and ``init_s[k]`` of INIT alone (as the estimator models them); the
-    measured INIT summed over the burst is ``measured_init_s``. Returns the weight of ``grid``
-    whose simulated sum is nearest (the sum grows with the weight: the forks take CPU from
-    the INITs while they last). `moemesh profile` measures the burst on this host
-    (mesh/profiling/measure.py ``cold_burst``), so the contention is today's, not a constant."""
-    if not init_s or measured_init_s <= 0:
+    A burst of cold starts requested at once on ``nodes``, each ``(cpus, init_s)``: the node's
+    CPUs and, per cold start it forks, the INIT it needs alone (as the estimator models it);
+    every fork takes ``spawn_s``; the measured INIT summed over the burst is ``measured_init_s``.
+    Returns the weight of ``grid`` whose simulated sum is nearest (the sum grows with the
+    weight: the forks take CPU from the INITs while they last). `moemesh profile` measures the
+    burst on this host (mesh/profiling/measure.py ``cold_burst``), so the contention is
+    today's, not a constant."""
+    nodes = [(float(cpus), list(init)) for cpus, init in nodes if len(init)]
+    if not nodes or measured_init_s <= 0:
         raise ValueError("fit_spawn_shares: need a burst and a measured INIT > 0")
-    spawn = [spawn_s] * len(init_s)
 
     def error(weight: float) -> float:
-        _, init = simulate_node(cpus, spawn, init_s, spawn_shares=weight)
-        return abs(float(init.sum()) - measured_init_s)
+        total = sum(float(simulate_node(cpus, [spawn_s] * len(init), init, spawn_shares=weight)[1].sum())
+                    for cpus, init in nodes)
+        return abs(total - measured_init_s)
 
     return min(grid, key=error)
 

@@ -27,7 +27,8 @@ Entry point: :func:`plan`. What it adds to Remoe (allocator.remoe), in order:
    the instances warm now, so a layout unlike the plan in force pays every function's INIT on
    this one request; but the instances it starts serve the requests that follow while they
    stay warm. The key's money spreads INIT over ``reuse`` requests (the caller's estimate:
-   1 + the arrival rate x the keep-alive, mesh.planning.expected_reuse), so a layout that is
+   exp(arrival rate x keep-alive), the mean run of arrivals that find an instance warm, at most
+   the requests seen so far; mesh.planning.expected_reuse), so a layout that is
    cheaper per request wins once its switch pays within that horizon, and an idle mesh
    (reuse 1) judges every switch on the one request, as before.
 

@@ -129,6 +129,7 @@ class Coordinator:
         self.registry = Registry()
         self.since_plan = 0
         self.arrivals: deque[float] = deque(maxlen=REUSE_WINDOW)  # admission times (planning.expected_reuse)
+        self.admitted = 0
         self.guard_tripped = False  # the meter guard (see _guarded_config)
         # Memory held = memory billed: the main function holds the non-expert weights and only the
         # experts its plan keeps local (loaded below, once the plan is made).
@@ -219,6 +220,7 @@ class Coordinator:
 
         workload = Workload(max(1, prompt_tokens), max(1, new_tokens))
         self.arrivals.append(time.monotonic())
+        self.admitted += 1
         try:
             forecast = self.predictor.forecast(features)
         except Exception as exc:  # e.g. the oracle asked about a prompt it has not seen
@@ -281,11 +283,12 @@ class Coordinator:
                  forecast.source, forecast.confidence)
 
     def _reuse(self) -> float:
-        """Requests a plan's cold starts are expected to serve (planning.expected_reuse): the
-        arrival rate of the last REUSE_WINDOW admissions x the keep-alive ("none": 1)."""
+        """Requests a plan's cold starts are expected to serve (planning.expected_reuse), from
+        the arrival rate of the last REUSE_WINDOW admissions and the keep-alive ("none": 1), at
+        most the requests admitted so far."""
         f = self.config.functions
         keep_alive_s = 0.0 if f.keep_alive_policy == "none" else f.keep_alive_s
-        return planning.expected_reuse(self.arrivals, keep_alive_s)
+        return planning.expected_reuse(self.arrivals, keep_alive_s, self.admitted)
 
     def _adopt(self, plan) -> None:
         """The plan's functions are what the registry spawns and the executor calls, each with its

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -249,17 +250,22 @@ def slo_of(config: MeshConfig, slo_class: str | None = None) -> SLO:
     return SLO(c.ttft_s, c.tpot_s)
 
 
-def expected_reuse(arrivals: Sequence[float], keep_alive_s: float) -> float:
+def expected_reuse(arrivals: Sequence[float], keep_alive_s: float, seen: int | None = None) -> float:
     """How many requests, this one included, the instances a plan starts now are expected to
-    serve: 1 + the recent arrival rate (requests per second over ``arrivals``, admission times in
-    seconds, oldest first) x ``keep_alive_s`` (what an instance waits idle before it scales to
-    zero). 1 with fewer than two arrivals or no keep-alive: nothing to amortise over."""
+    serve before they scale to zero: with arrivals at the recent rate r (requests per second
+    over ``arrivals``, admission times in seconds, oldest first), an idle gap longer than the
+    keep-alive K comes with chance exp(-r K) per request (Poisson), so an instance serves
+    exp(r K) requests on average; at most ``seen``, the requests the stream has had so far (a
+    stream is expected to last about as long again; None: len(arrivals)). 1 with fewer than two
+    arrivals or no keep-alive: nothing to amortise over."""
     if keep_alive_s <= 0 or len(arrivals) < 2:
         return 1.0
     span = float(arrivals[-1]) - float(arrivals[0])
     if span <= 0:
         return 1.0
-    return 1.0 + (len(arrivals) - 1) / span * keep_alive_s
+    cap = float(max(1, len(arrivals) if seen is None else seen))
+    exponent = (len(arrivals) - 1) / span * keep_alive_s
+    return cap if exponent >= math.log(cap) else max(1.0, math.exp(exponent))
 
 
 def make_plan(config: MeshConfig, model: MoEConfig, forecast: Forecast | None = None,

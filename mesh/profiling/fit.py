@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import OptimizeWarning
 
-from allocator.coldstart import fit_spawn_shares, simulate_node
+from allocator.coldstart import SPAWN_PATH_SHARES, fit_spawn_shares, simulate_node
 from allocator.profiles import (
+    SYNTHETIC_SPAWN_S,
     FitReport,
     LatencyFit,
     LinearModel,
     ModelShape,
-    SYNTHETIC_SPAWN_S,
     Profiles,
     fit_expert_latency,
     fit_linear,
@@ -76,19 +76,46 @@ def _linear(x: list[float], y: list[float]) -> tuple[LinearModel, FitReport]:
     return LinearModel(mean, 0.0), FitReport("linear", {"intercept": mean, "slope": 0.0}, 0.0, 0.0, math.inf, len(y))
 
 
+BURST_TOLERANCE = 0.25  # the modelled INIT sum must be this close to the measured one to be kept
+
+
 def fit_burst(profiles: Profiles, burst: dict) -> tuple[Profiles, dict]:
     """(profiles with spawn_shares fitted to the burst, the fit's report): the weight with which
-    allocator.coldstart bills the burst's measured INIT, given the INIT alone each instance has
-    in ``profiles`` (cold start less fork); the report puts the modelled sum, mean and last
-    ready beside the measured ones."""
+    allocator.coldstart bills the burst's measured INIT, per node as the burst ran (burst["node"]
+    and burst["cpus"] per instance), given the INIT alone each instance has in ``profiles``
+    (cold start less fork); the report puts the modelled sum, mean and last ready beside the
+    measured ones. Where no weight brings the modelled sum within BURST_TOLERANCE of the measured
+    one (the INITs of the burst took longer than any sharing of the CPUs makes them: the
+    processor-sharing model does not explain this host's burst), the built-in weight is kept and
+    the report says so ("explained": false), rather than a weight at the grid's edge."""
+    spawn = profiles.spawn_s
+    members: dict[int, list[int]] = {}
+    for index, node in enumerate(burst.get("node") or [0] * len(burst["bytes"])):
+        members.setdefault(int(node), []).append(index)
+    cpus = burst["cpus"] if isinstance(burst["cpus"], list) else [burst["cpus"]] * len(burst["bytes"])
     alone = [float(profiles.init_s(b)) for b in burst["bytes"]]
-    cpus, spawn = float(burst["cpus"]), profiles.spawn_s
-    shares = fit_spawn_shares(cpus, spawn, alone, burst["init_sum_s"])
-    ready, init = simulate_node(cpus, [spawn] * len(alone), alone, spawn_shares=shares)
-    report = {"spawn_shares": shares, "functions": len(alone), "cpus": cpus, "init_alone_s": float(np.mean(alone)),
-              "init_sum_s": {"measured": burst["init_sum_s"], "modelled": float(init.sum())},
-              "init_mean_s": {"measured": float(np.mean(burst["init_s"])), "modelled": float(init.mean())},
-              "last_ready_s": {"measured": burst["last_ready_s"], "modelled": float(ready.max())}}
+    groups = [(float(cpus[m[0]]), [alone[i] for i in m]) for m in members.values()]
+    fitted = fit_spawn_shares(groups, spawn, burst["init_sum_s"])
+
+    def simulate(weight: float) -> tuple[list[float], list[float]]:
+        ready, init = [], []
+        for node_cpus, node_alone in groups:
+            r, i = simulate_node(node_cpus, [spawn] * len(node_alone), node_alone, spawn_shares=weight)
+            ready += list(r)
+            init += list(i)
+        return ready, init
+
+    ready, init = simulate(fitted)
+    explained = bool(abs(sum(init) - burst["init_sum_s"]) <= BURST_TOLERANCE * burst["init_sum_s"])
+    shares = fitted if explained else SPAWN_PATH_SHARES
+    if not explained:  # CPU sharing alone does not make this burst's INIT: keep the built-in weight
+        ready, init = simulate(shares)
+    report = {"spawn_shares": shares, "fitted_spawn_shares": fitted, "explained": explained,
+              "functions": len(alone), "nodes": len(groups),
+              "cpus": [g[0] for g in groups], "init_alone_s": float(np.mean(alone)),
+              "init_sum_s": {"measured": burst["init_sum_s"], "modelled": float(np.sum(init))},
+              "init_mean_s": {"measured": float(np.mean(burst["init_s"])), "modelled": float(np.mean(init))},
+              "last_ready_s": {"measured": burst["last_ready_s"], "modelled": float(np.max(ready))}}
     return dataclasses.replace(profiles, spawn_shares=shares), report
 
 

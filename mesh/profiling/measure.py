@@ -4,8 +4,9 @@
                    a second daemon at --period-us-compare: its period run
     sweep          latency vs (memory, tokens): one function per size, all warm at once
     cold_starts    seconds from SpawnFunction to InstanceReady vs the weight bytes read
-    cold_burst     --cold-burst one-expert functions requested at once: each one's fork wait,
-                   INIT and ready time (what allocator.coldstart's spawn-path weight is fitted to)
+    cold_burst     --cold-burst one-expert functions requested at once over the config's CPU
+                   nodes (a daemon each): each one's fork wait, INIT and ready time (what
+                   allocator.coldstart's spawn-path weight is fitted to)
     period_run     back-to-back small calls at a fractional CPU share for a while
 
 Each function's cgroup cpu.stat is read around its calls, so what the CFS quota did (periods,
@@ -14,7 +15,9 @@ throttled periods and seconds) is recorded beside the latencies.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -107,8 +110,8 @@ def measure(config: MeshConfig, s: Settings, model_path: Path, model: MoEConfig,
             node.wait_warm()
             samples, cgroups = sweep(node, s, memory, tokens, model.hidden_size, dtype, progress)
             cold = cold_starts(node, s, model.num_experts, model.num_moe_layers, progress)
-            burst = (cold_burst(node, s, model.num_experts, model.num_moe_layers, min(memory), progress)
-                     if s.cold_burst else None)
+            burst = (cold_burst(node, config, model_path, run_dir, s, model.num_experts, model.num_moe_layers,
+                                min(memory), progress) if s.cold_burst else None)
             progress.show(f"CFS period {f.cfs_period_us / 1000:g} ms: {s.period_seconds:g} s of calls")
             periods = [period_run(node, s, model.hidden_size, dtype)]
             progress.show("", advance=1)
@@ -233,26 +236,49 @@ def cold_starts(node: Node, s: Settings, experts_per_layer: int, layers: int, pr
     return out
 
 
-def cold_burst(node: Node, s: Settings, experts_per_layer: int, layers: int, memory_gb: float,
-               progress: Progress) -> dict:
-    """--cold-burst one-expert functions of `memory_gb` requested at once (as a plan's cold
-    replicas are) on the node's CPUs: per instance its fork wait ("spawn" stage), billed INIT
-    (limits + weights + ready: the meter's) and ready time from the first request, then all
-    stopped. The daemon forks them one after another and their INITs share the CPUs."""
+def burst_nodes(config: MeshConfig) -> list[tuple[str, float]]:
+    """(name, cpus) of the node daemons a cold-start burst runs on: the config's CPU nodes, as the
+    mesh runs them on this host (the default launch.toml: cpu0 and cpu1 of one vCPU each; every
+    daemon forks its own functions while all share the cores), else one node of every core."""
+    nodes = [(n.name, float(n.cpus)) for n in config.nodes if n.kind == "cpu"]
+    return nodes or [("local", float(os.cpu_count() or 1))]
+
+
+def cold_burst(first: Node, config: MeshConfig, model_path: Path, run_dir: Path, s: Settings,
+               experts_per_layer: int, layers: int, memory_gb: float, progress: Progress) -> dict:
+    """--cold-burst one-expert functions of `memory_gb` requested at once, as a plan's cold
+    replicas are, spread round-robin over the config's CPU nodes (burst_nodes: one daemon each,
+    declared with the node's cpus; `first`, the sweep's daemon, is the first of them): per
+    instance its node, fork wait ("spawn" stage), billed INIT (limits + weights + ready: the
+    meter's) and ready time from the first request; then all are stopped. Each daemon forks its
+    own one after another and every INIT shares the host's cores."""
+    nodes = burst_nodes(config)
     n = min(s.cold_burst, experts_per_layer * layers)
-    progress.show(f"cold start: a burst of {n} functions at once")
+    progress.show(f"cold start: a burst of {n} functions on {len(nodes)} nodes")
     experts = [[(i // experts_per_layer % layers, i % experts_per_layer)] for i in range(n)]
-    readies = node.spawn_burst([(e, memory_gb) for e in experts])
-    records = [read_run_record(node.run_dir, ready.instance_id) for ready, _ in readies]
-    for ready, _ in readies:
-        node.stop(ready.instance_id)
+    with contextlib.ExitStack() as stack:
+        daemons = [first]
+        for index, (_, cpus) in enumerate(nodes[1:]):
+            extra = stack.enter_context(Node(config, model_path, first.config.functions.cfs_period_us, run_dir,
+                                             f"burst{index}", cpus=cpus))
+            daemons.append(extra)
+        for daemon in daemons[1:]:
+            daemon.wait_warm()
+        started = time.perf_counter()
+        ids = [d.request([(e, memory_gb) for e in experts[k::len(daemons)]]) for k, d in enumerate(daemons)]
+        readies = [(k, ready, t) for k, d in enumerate(daemons) for ready, t in d.collect(ids[k], started)]
+        records = [read_run_record(run_dir, ready.instance_id) for _, ready, _ in readies]
+        for k, ready, _ in readies:
+            daemons[k].stop(ready.instance_id)
     progress.show("", advance=1)
-    init = [sum(v for k, v in ready.stages.items() if k != "spawn") for ready, _ in readies]
-    return {"functions": n, "memory_gb": memory_gb, "cpus": node.config.nodes[0].cpus,
+    init = [sum(v for key, v in ready.stages.items() if key != "spawn") for _, ready, _ in readies]
+    return {"functions": n, "memory_gb": memory_gb,
+            "nodes": [{"name": name, "cpus": cpus} for name, cpus in nodes[:len(daemons)]],
+            "node": [k for k, _, _ in readies], "cpus": [nodes[k][1] for k, _, _ in readies],
             "bytes": [int(r.get("bytes_read", 0)) for r in records],
-            "ready_s": [t for _, t in readies], "init_s": init,
-            "spawn_wait_s": [float(ready.stages.get("spawn", 0.0)) for ready, _ in readies],
-            "init_sum_s": float(sum(init)), "last_ready_s": max(t for _, t in readies)}
+            "ready_s": [t for _, _, t in readies], "init_s": init,
+            "spawn_wait_s": [float(ready.stages.get("spawn", 0.0)) for _, ready, _ in readies],
+            "init_sum_s": float(sum(init)), "last_ready_s": max(t for _, _, t in readies)}
 
 
 def period_run(node: Node, s: Settings, hidden: int, dtype) -> dict:

@@ -140,13 +140,13 @@ class ControlPlane(threading.Thread):
                 self.cond.wait(min(left, 0.5))
 
 
-def node_config(config: MeshConfig, name: str, period_us: int) -> MeshConfig:
-    """`config` for one local CPU node `name` with every core, CFS period `period_us`, the
-    profiler's heartbeat and liveness, no scale to zero and no added start delay."""
+def node_config(config: MeshConfig, name: str, period_us: int, cpus: float | None = None) -> MeshConfig:
+    """`config` for one local CPU node `name` with `cpus` (None: every core), CFS period
+    `period_us`, the profiler's heartbeat and liveness, no scale to zero and no added start delay."""
     data = config.to_dict()
     data["hosts"] = [{"name": "local", "address": "127.0.0.1"}]
     data["nodes"] = [{"name": name, "host": "local", "kind": "cpu", "capacity_gb": 64.0,
-                      "cpus": float(os.cpu_count() or 1)}]
+                      "cpus": float(cpus if cpus is not None else (os.cpu_count() or 1))}]
     data["functions"] = {**data["functions"], "cfs_period_us": int(period_us), "keep_alive_s": KEEP_ALIVE_S,
                          "start_delay_s": 0.0}
     data["coordinator"] = {**data["coordinator"], "heartbeat_s": HEARTBEAT_S, "liveness": LIVENESS}
@@ -156,11 +156,12 @@ def node_config(config: MeshConfig, name: str, period_us: int) -> MeshConfig:
 class Node:
     """A real node daemon (`python -m nodes.daemon`) with its own control plane; a context manager."""
 
-    def __init__(self, config: MeshConfig, model_path: Path, period_us: int, run_dir: Path, tag: str) -> None:
+    def __init__(self, config: MeshConfig, model_path: Path, period_us: int, run_dir: Path, tag: str,
+                 cpus: float | None = None) -> None:
         self.name = f"profile{tag}-{uuid.uuid4().hex[:6]}"
         self.model_path = model_path
         self.run_dir = run_dir
-        self.config = node_config(config, self.name, period_us)
+        self.config = node_config(config, self.name, period_us, cpus)
         self.spawn_how = self.config.functions.spawn
         self.control = ControlPlane(self.name, self.config)
         self.proc: subprocess.Popen | None = None
@@ -220,16 +221,21 @@ class Node:
                             code="function_failed", hint="give the functions more memory (--memory)")
         return msg, elapsed
 
-    def spawn_burst(self, functions: list[tuple[list[tuple[int, int]], float]]) -> list[tuple[InstanceReady, float]]:
-        """Request every (experts, memory_gb) function at once, as a plan's cold start does, and
-        wait until all serve: per function (InstanceReady, seconds from the first request to its
-        ready). Every instance that became ready is stopped again if one fails."""
-        ids, started = [], time.perf_counter()
+    def request(self, functions: list[tuple[list[tuple[int, int]], float]]) -> list[str]:
+        """Request every (experts, memory_gb) function at once, as a plan's cold start does;
+        returns their instance ids (collect() waits for them)."""
+        ids = []
         for experts, memory_gb in functions:
             self.seq += 1
             ids.append(f"{self.name}-{self.seq}")
             self.control.send(spawn_request(ids[-1], f"profile-{self.seq}", experts, memory_gb, self.config,
                                             self.model_path))
+        return ids
+
+    def collect(self, ids: list[str], started: float) -> list[tuple[InstanceReady, float]]:
+        """Wait until every requested instance serves: per instance (InstanceReady, seconds from
+        `started` (perf_counter) to the moment its ready was seen). Every instance that became
+        ready is stopped again if one fails."""
         out, failed = [], None
         for instance_id in ids:
             msg = self.wait(lambda m, i=instance_id: isinstance(m, InstanceReady | SpawnFailed)

@@ -136,10 +136,13 @@ def _cold_starts(result: dict, m: dict) -> list[str]:
                f"(RMSE {_report(result['profiles'], 'cold_start').rmse_s * 1e3:.2f} ms)")
     b = result.get("burst")
     if b:
-        out.append(f"  burst of {b['functions']} at once on {b['cpus']:g} CPUs: INIT mean "
+        out.append(f"  burst of {b['functions']} at once on {b['nodes']} nodes of {'+'.join(f'{c:g}' for c in b['cpus'])} CPUs: INIT mean "
                    f"{b['init_mean_s']['measured'] * 1e3:.0f} ms (alone {b['init_alone_s'] * 1e3:.0f} ms), "
                    f"last ready {b['last_ready_s']['measured']:.2f} s; spawn-path weight {b['spawn_shares']:g} "
                    f"models {b['init_mean_s']['modelled'] * 1e3:.0f} ms and {b['last_ready_s']['modelled']:.2f} s")
+        if not b["explained"]:
+            out.append(f"  (no spawn-path weight models this burst's INIT within 25%: the best, "
+                       f"{b['fitted_spawn_shares']:g}, is off by more; the built-in {b['spawn_shares']:g} is kept)")
     return out
 
 

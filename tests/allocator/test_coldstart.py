@@ -66,10 +66,14 @@ def test_the_spawn_path_weight_is_fitted_back_from_a_burst():
     assert sums == sorted(sums) and sums[-1] > 3 * sums[0]
     for weight in (0.75, 2.0, 3.0, 5.5):
         measured = float(simulate_node(2.0, [spawn] * 24, alone, spawn_shares=weight)[1].sum())
-        assert fit_spawn_shares(2.0, spawn, alone, measured) == pytest.approx(weight)
-    assert fit_spawn_shares(1.0, spawn, alone, 1e6) == 16.0  # beyond the grid: its edge, never a crash
+        assert fit_spawn_shares([(2.0, alone)], spawn, measured) == pytest.approx(weight)
+        # two 1-CPU nodes forking 12 each at once, as the default launch.toml runs them
+        halves = [(1.0, alone[:12]), (1.0, alone[12:])]
+        measured = sum(float(simulate_node(1.0, [spawn] * 12, a, spawn_shares=weight)[1].sum()) for _, a in halves)
+        assert fit_spawn_shares(halves, spawn, measured) == pytest.approx(weight)
+    assert fit_spawn_shares([(1.0, alone)], spawn, 1e6) == 16.0  # beyond the grid: its edge, never a crash
     with pytest.raises(ValueError):
-        fit_spawn_shares(1.0, spawn, [], 1.0)
+        fit_spawn_shares([(1.0, [])], spawn, 1.0)
 
 
 def test_the_estimate_uses_the_profiles_spawn_path_weight():

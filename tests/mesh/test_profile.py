@@ -81,6 +81,8 @@ def test_profile_writes_a_profile_that_round_trips(profiled):
     assert all(set(c["stages"]) == {"spawn", "limits", "weights", "ready"} for c in data["cold_starts"])
     burst = data["cold_burst"]  # six functions requested at once, then the spawn path's weight fitted
     assert burst["functions"] == 6 and len(burst["init_s"]) == len(burst["ready_s"]) == 6
+    # spread over the config's CPU nodes (the built-in defaults: cpu0 and cpu1), a daemon each
+    assert [n["name"] for n in burst["nodes"]] == ["cpu0", "cpu1"] and sorted(burst["node"]) == [0, 0, 0, 1, 1, 1]
     assert burst["init_sum_s"] == pytest.approx(sum(burst["init_s"])) and min(burst["bytes"]) > 0
     assert burst["last_ready_s"] == max(burst["ready_s"]) > 0
     assert profiles.spawn_shares == burst["fit"]["spawn_shares"] > 0
@@ -354,13 +356,18 @@ def test_fit_profiles_recovers_known_lines_and_stores_the_best_curve():
     assert base.spawn_s == pytest.approx(0.01)  # the median fork stage, as Profiles.from_dict reads it
     alone = [float(base.init_s(100_000))] * 12
     ready, init = simulate_node(2.0, [0.01] * 12, alone, spawn_shares=2.0)
-    burst = {"cpus": 2.0, "bytes": [100_000] * 12, "init_s": list(init), "init_sum_s": float(init.sum()),
-             "ready_s": list(ready), "last_ready_s": float(ready.max())}
+    burst = {"node": [0] * 12, "cpus": [2.0] * 12, "bytes": [100_000] * 12, "init_s": list(init),
+             "init_sum_s": float(init.sum()), "ready_s": list(ready), "last_ready_s": float(ready.max())}
     fitted = fit_profiles(rows, overhead, cold, shape, "h", "tiny", 32, 1.0, burst=burst)
     assert fitted.profiles.spawn_shares == pytest.approx(2.0)
     assert fitted.burst["init_sum_s"]["modelled"] == pytest.approx(burst["init_sum_s"])
     assert fitted.burst["last_ready_s"]["modelled"] == pytest.approx(burst["last_ready_s"])
     assert Profiles.from_json(fitted.profiles.to_json()).spawn_shares == pytest.approx(2.0)
+    assert fitted.burst["explained"]
+    # A burst whose INIT no sharing of the CPUs makes (10x the work): the built-in weight is kept.
+    slow = {**burst, "init_sum_s": 10 * burst["ready_s"][-1] * 12}
+    unexplained = fit_profiles(rows, overhead, cold, shape, "h", "tiny", 32, 1.0, burst=slow)
+    assert not unexplained.burst["explained"] and unexplained.profiles.spawn_shares == SPAWN_PATH_SHARES
 
     one = fit_profiles(rows, overhead, cold[:1], shape, "h", "tiny", 32, 1.0).profiles.cold_start
     assert (one.intercept, one.bandwidth) == (pytest.approx(cold[0]["seconds"]), math.inf)  # one size: no slope

@@ -3,6 +3,8 @@ the planner runs in the main function, so its time is billed there."""
 
 from __future__ import annotations
 
+import pytest
+
 import allocator
 from allocator.cost import Loads, estimate
 from allocator.model import SLO, Cluster, Workload
@@ -56,9 +58,17 @@ def test_an_slo_the_plan_in_force_misses_and_an_untimed_planner_always_re_plan()
     assert planning.replan_skip_reason(None, plan, profiles, cluster, WORKLOAD, LOOSE, never_worth_it) is None
 
 
-def test_expected_reuse_is_one_plus_the_arrival_rate_times_the_keep_alive():
+def test_expected_reuse_is_the_poisson_run_of_warm_arrivals_capped_by_the_stream_so_far():
+    import math
+
     assert planning.expected_reuse([], 30.0) == 1.0  # nothing seen yet: the request alone
     assert planning.expected_reuse([5.0], 30.0) == 1.0
     assert planning.expected_reuse([0.0, 0.0], 30.0) == 1.0  # no span to take a rate over
     assert planning.expected_reuse([0.0, 1.0, 2.0, 4.0], 0.0) == 1.0  # keep-alive none: every start is used once
-    assert planning.expected_reuse([0.0, 1.0, 2.0, 4.0], 30.0) == 1.0 + 3 / 4 * 30.0
+    # 3 gaps over 40 s and a 10 s keep-alive: a gap beyond it comes with chance exp(-0.75)
+    sparse = [0.0, 10.0, 25.0, 40.0]
+    assert planning.expected_reuse(sparse, 10.0, seen=100) == pytest.approx(math.exp(0.75))
+    assert planning.expected_reuse(sparse, 10.0) == pytest.approx(math.exp(0.75))  # below the 4 seen
+    dense = [0.0, 1.0, 2.0, 4.0]  # 0.75 requests/s and 30 s: exp(22.5), capped by the stream so far
+    assert planning.expected_reuse(dense, 30.0) == 4.0
+    assert planning.expected_reuse(dense, 30.0, seen=40) == 40.0
