@@ -18,9 +18,12 @@ Model (processor sharing, per node, deterministic):
   and then ``init_s = cold_start(bytes) - spawn_s`` CPU-seconds of its own (INIT), both as
   measured alone on a 1 vCPU share by ``moemesh profile``.
 - The node's ``cpus`` are shared among the spawn path (while forks are queued; weight
-  ``spawn_shares``: the daemon, the zygote and the new child each take a share, 3 by default,
-  fitted per host by `moemesh profile` from a burst of cold starts, :func:`fit_spawn_shares`) and the workers in INIT (weight 1
-  each, at most one CPU: INIT is one thread). See :func:`simulate_node` for the fit. The
+  ``spawn_shares``: the daemon, the zygote and the new child each take a share) and the workers
+  in INIT (weight 1 each, at most one CPU: INIT is one thread). The weight is fitted per host
+  and model by `moemesh profile` (:func:`fit_spawn_shares`) to a burst of 48 one-expert cold
+  starts spread over the config's CPU nodes, a daemon each, as the mesh runs them: 3.75 for the
+  bundled model here (mean INIT 300 ms modelled 304, last ready 1.60 s modelled 1.62), 7.5 for
+  the Qwen shapes (0.89 s both); 3 where no profile has measured it. The
   function's CPU quota is not applied to INIT: measured, 4- and 8-expert functions of 0.325
   vCPU took 0.09 s of INIT, against 0.05-0.07 s alone at 1 vCPU (the quota would make it
   0.15-0.2 s), and the first one-expert instances of a burst 0.05 s against 0.035 s.

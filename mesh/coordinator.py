@@ -112,6 +112,16 @@ class Node:
     ghosts: dict[str, float] = field(default_factory=dict)  # instance id -> when we asked to stop it
 
 
+def _why(plan) -> str:
+    """moemesh's reasons, for the log: the start it refined, the reuse its INIT was spread over
+    and every start candidate's money per request (key[2], $)."""
+    params = plan.params
+    if "candidates" not in params:
+        return ""
+    money = ", ".join(f"{name} {key[2]:.3g}" for name, key in params["candidates"].items())
+    return f"; start {params.get('start')}, reuse {params.get('reuse', 1.0):.1f}, $ per request: {money}"
+
+
 class Coordinator:
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
@@ -278,9 +288,9 @@ class Coordinator:
         self._adopt(plan)  # experts now remote are dropped once a warm function serves them
         self._main_changed(self.main.held_bytes(), len(self.main.held()))
         self.meter.policy = planning.describe(plan, forecast)
-        log.info("re-planned with %s in %.1f ms: %d local experts, %d functions (forecast by %s, confidence %.2f)",
+        log.info("re-planned with %s in %.1f ms: %d local experts, %d functions (forecast by %s, confidence %.2f)%s",
                  plan.policy, (time.perf_counter() - start) * 1e3, len(plan.local), len(plan.functions),
-                 forecast.source, forecast.confidence)
+                 forecast.source, forecast.confidence, _why(plan))
 
     def _reuse(self) -> float:
         """Requests a plan's cold starts are expected to serve (planning.expected_reuse), from
