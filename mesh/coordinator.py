@@ -114,12 +114,14 @@ class Node:
 
 def _why(plan) -> str:
     """moemesh's reasons, for the log: the start it refined, the reuse its INIT was spread over
-    and every start candidate's money per request (key[2], $)."""
+    and every start candidate's key (relative SLO excess under the forecast and the hedged
+    loads, money per request): the start is the smallest key."""
     params = plan.params
     if "candidates" not in params:
         return ""
-    money = ", ".join(f"{name} {key[2]:.3g}" for name, key in params["candidates"].items())
-    return f"; start {params.get('start')}, reuse {params.get('reuse', 1.0):.1f}, $ per request: {money}"
+    keys = ", ".join(f"{name} ({key[0]:.3g}, {key[1]:.3g}, ${key[2]:.3g})" for name, key in params["candidates"].items())
+    return (f"; start {params.get('start')}, reuse {params.get('reuse', 1.0):.1f}, candidates (SLO excess, "
+            f"hedged SLO excess, $ per request): {keys}")
 
 
 class Coordinator:
@@ -250,7 +252,7 @@ class Coordinator:
                 log.debug("%s: %s", request_id, skip)
                 self.meter.policy = {**planning.describe(self.plan, forecast), "kept": skip}
             else:
-                self._replan(forecast, workload, warm)
+                self._replan(forecast, workload, warm, slo_class)
                 estimate = self._estimate(forecast, workload, warm)
         self.meter.request_estimate(request_id, estimate)
 
@@ -271,12 +273,13 @@ class Coordinator:
         return self.adaptive and not ((replan_every == 0 and self.since_plan > 1) or
                                       (replan_every and (self.since_plan - 1) % replan_every))
 
-    def _replan(self, forecast, workload, warm) -> None:
-        """Plan from the forecast; load what the plan keeps local before it names it local."""
+    def _replan(self, forecast, workload, warm, slo_class: str | None = None) -> None:
+        """Plan from the forecast, for the request's SLO class (the one it is served and judged
+        under); load what the plan keeps local before it names it local."""
         start = time.perf_counter()
         try:
             plan = planning.make_plan(self._guarded_config(), self.model.config, forecast, workload, warm=warm,
-                                      profiles=self.profiles, reuse=self._reuse())
+                                      profiles=self.profiles, reuse=self._reuse(), slo_class=slo_class)
         except Exception as exc:  # a policy that cannot plan keeps the plan in force
             log.warning("policy %s could not plan (%s); keeping the plan in force", self.config.policy.name, exc)
             return

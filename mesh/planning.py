@@ -270,10 +270,11 @@ def expected_reuse(arrivals: Sequence[float], keep_alive_s: float, seen: int | N
 
 def make_plan(config: MeshConfig, model: MoEConfig, forecast: Forecast | None = None,
               workload: Workload | None = None, warm=(), profiles: Profiles | None = None,
-              reuse: float = 1.0) -> Plan:
+              reuse: float = 1.0, slo_class: str | None = None) -> Plan:
     """Run the configured policy (profiles: pass them to skip reading the stored ones again;
     reuse: the requests its cold starts are expected to serve, expected_reuse, which the
-    `moemesh` policy spreads their INIT over)."""
+    `moemesh` policy spreads their INIT over; slo_class: the SLO class of the request planned
+    for, None: [slo] default_class)."""
     profiles = profiles or profiles_of(config, model)
     shape = profiles.shape
     workload = workload or DEFAULT_WORKLOAD
@@ -292,11 +293,12 @@ def make_plan(config: MeshConfig, model: MoEConfig, forecast: Forecast | None = 
     if name in paper_baselines.POLICIES:  # the papers' baselines (not in allocator.POLICIES)
         if name == "cpu-cluster":
             options["price_per_hour"] = config.billing.serverful_price_per_hour
-        return paper_baselines.POLICIES[name](forecast, profiles, slo_of(config), cluster_of(config), workload,
+        return paper_baselines.POLICIES[name](forecast, profiles, slo_of(config, slo_class), cluster_of(config), workload,
                                               **options)
     if name == "moemesh":
         options["reuse"] = max(1.0, float(reuse))
-    return allocator.make_plan(name, forecast, profiles, slo_of(config), cluster_of(config), workload, **options)
+    return allocator.make_plan(name, forecast, profiles, slo_of(config, slo_class), cluster_of(config), workload,
+                               **options)
 
 
 def replan_skip_reason(estimate: dict | None, plan: Plan, profiles: Profiles, cluster: Cluster,

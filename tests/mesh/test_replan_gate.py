@@ -72,3 +72,22 @@ def test_expected_reuse_is_the_poisson_run_of_warm_arrivals_capped_by_the_stream
     dense = [0.0, 1.0, 2.0, 4.0]  # 0.75 requests/s and 30 s: exp(22.5), capped by the stream so far
     assert planning.expected_reuse(dense, 30.0) == 4.0
     assert planning.expected_reuse(dense, 30.0, seen=40) == 40.0
+
+
+def test_a_plan_is_made_for_the_slo_class_of_the_request_it_is_made_for():
+    """The coordinator re-plans for a request under that request's SLO class (a batch request
+    on a host where nothing meets the interactive SLO must not be planned as the fastest plan
+    whatever its cost): make_plan takes the class, and without one uses [slo] default_class."""
+    from mesh.config import load_config
+    from nodes.model.config import MoEConfig
+
+    config = load_config(None, {"policy.name": "all-local"})
+    model = MoEConfig.from_file(config.model.resolved_path())
+    profiles = Profiles.synthetic(planning.model_shape(model))
+    for slo_class in config.slo.classes:
+        plan = planning.make_plan(config, model, profiles=profiles, slo_class=slo_class)
+        target = config.slo.classes[slo_class]
+        assert plan.params["slo"] == {"ttft_s": target.ttft_s, "tpot_s": target.tpot_s}
+    default = config.slo.classes[config.slo.default_class]
+    assert planning.make_plan(config, model, profiles=profiles).params["slo"]["ttft_s"] == default.ttft_s
+    assert len({c.ttft_s for c in config.slo.classes.values()}) > 1  # the classes differ: the test can fail
