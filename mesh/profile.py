@@ -28,8 +28,9 @@ report, run); this module is the command.
 3. Cold start: functions holding 1, 2, 4, 16 experts (--cold-experts) spawned --cold-repeats times;
    seconds from SpawnFunction to InstanceReady against the weight bytes the worker read, plus
    the worker's own stage times (spawn, limits, weights, ready): a linear fit. Then a burst of
-   --cold-burst one-expert functions requested at once: the daemon forks them one after another
-   and their INITs share the CPUs; the spawn path's CPU weight in allocator.coldstart is fitted
+   --cold-burst one-expert functions requested at once, spread over the config's CPU nodes (a
+   daemon each, as the mesh runs them): each daemon forks its own one after another and every
+   INIT shares the cores; the spawn path's CPU weight in allocator.coldstart is fitted
    so that the modelled INIT summed over the burst is the measured one (what the meter bills).
 4. CFS period: the same small call (--period-tokens) at --period-memory (0.25 GB = 25 % of a
    vCPU) for --period-seconds of back-to-back calls, under --period-us and under
