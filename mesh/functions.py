@@ -14,6 +14,7 @@ Instance lifecycle (a str Enum and its allowed transitions, Ray Serve style):
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import os
 import threading
@@ -57,10 +58,11 @@ class Instance:
     def live(self) -> bool:
         return self.state in (State.STARTING, State.WARM)
 
-    @property
+    @functools.cached_property
     def version(self) -> Version:
         """Which function it serves: id, experts and memory (a re-plan may give an id other
-        experts, or resize it: an instance of another size is not what the plan runs)."""
+        experts, or resize it: an instance of another size is not what the plan runs). Fixed
+        when the instance is made; cached, as the data path compares it on every call."""
         return version_of(self.function_id, self.experts, self.memory_gb)
 
 
