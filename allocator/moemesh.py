@@ -23,7 +23,13 @@ Entry point: :func:`plan`. What it adds to Remoe (allocator.remoe), in order:
    loaded function; main memory one step down. Each move is kept only when the key
    improves; ``search_passes`` passes.
 
-6. **Cold starts amortised over their reuse.** A candidate's cold replicas are judged against
+6. **The plan in force stays a candidate.** At a re-plan the layout now running (``in_force``)
+   is judged beside the fresh starts, its warm instances costing no INIT: a new layout must
+   pay for its own cold starts within the reuse below. Without it, the search started from a
+   fresh layout every time and re-shaped a function whenever the forecast's hottest expert of a
+   layer moved (Azure-trace run on the Qwen shapes: 12 cold starts against CPU-only's 4, and
+   the main waiting for them).
+7. **Cold starts amortised over their reuse.** A candidate's cold replicas are judged against
    the instances warm now, so a layout unlike the plan in force pays every function's INIT on
    this one request; but the instances it starts serve the requests that follow while they
    stay warm. The key's money spreads INIT over ``reuse`` requests (the caller's estimate:
@@ -50,7 +56,7 @@ from allocator.cost import Loads, annotate, estimate
 from allocator.model import SLO, Cluster, WarmInstance, Workload
 from allocator.plan import FunctionSpec, MainSpec, Plan
 from allocator.profiles import Profiles
-from allocator.sizing import check_inputs, function_required_gb, main_required_gb
+from allocator.sizing import check_inputs, forecast_summary, function_required_gb, main_required_gb
 from predictor.forecast import Forecast
 
 Key = tuple[float, float, float]
@@ -245,7 +251,8 @@ class _Search:
         return replace(plan, functions=tuple(functions))
 
     def reuse_warm(self, plan: Plan, instance: WarmInstance) -> Plan | None:
-        """Carve ``instance``'s experts (one layer) out of the plan into a function reusing it."""
+        """Carve ``instance``'s experts (one layer) out of the plan into a function reusing it; a
+        function left with other experts under the instance's id takes a fresh id."""
         wanted = set(instance.experts)
         if len({e[0] for e in wanted}) != 1 or instance.memory_gb < self._required(wanted) - 1e-9:
             return None
@@ -261,13 +268,37 @@ class _Search:
             for f in plan.functions
             if (rest := tuple(e for e in f.experts if e not in wanted))
         ]
-        if instance.function_id in {f.id for f in functions}:
-            return None  # the id belongs to a function that keeps other experts
+        functions = [
+            replace(f, id=_fresh_id(plan, f.experts[0][0])) if f.id == instance.function_id else f
+            for f in functions
+        ]
         nodes = (instance.node,) if instance.node else ()
         functions.append(
             FunctionSpec(instance.function_id, tuple(sorted(wanted)), instance.memory_gb, 1, nodes)
         )
         return replace(plan, local=plan.local - wanted, functions=tuple(functions))
+
+
+def _kept(in_force: Plan, forecast: Forecast, profiles: Profiles, cluster: Cluster, workload: Workload) -> Plan:
+    """The plan in force as a candidate for this request: its layout unchanged, its main grown
+    to the memory this workload needs (ValueError when its main node or a function's memory
+    cannot hold this workload: then a fresh layout must serve it)."""
+    need = main_required_gb(len(in_force.local), profiles, workload)
+    if need > cluster.main.capacity_gb:
+        raise ValueError("moemesh: the plan in force's main cannot hold this workload")
+    short = [f.id for f in in_force.functions if f.memory_gb < function_required_gb(f.experts, profiles, workload) - 1e-9]
+    if short:
+        raise ValueError(f"moemesh: functions {short} of the plan in force are too small for this workload")
+    main = MainSpec(
+        max(in_force.main.memory_gb, cluster.grid.round_up(need, maximum_gb=cluster.main.capacity_gb)),
+        in_force.main.device,
+    )
+    params = {
+        "forecast": forecast_summary(forecast),
+        "kept": f"the {in_force.policy} plan in force",
+        "local_experts_device": in_force.params.get("local_experts_device", "cpu"),
+    }
+    return replace(in_force, policy="moemesh", main=main, params=params)
 
 
 def plan(
@@ -284,8 +315,12 @@ def plan(
     tight_ttft: float = 0.9,
     search_passes: int = 2,
     reuse: float = 1.0,
+    in_force: Plan | None = None,
 ) -> Plan:
-    """moemesh's plan (module docstring): never worse than Remoe's under the estimator's key."""
+    """moemesh's plan (module docstring): never worse than Remoe's under the estimator's key.
+
+    in_force: the plan the mesh runs now, judged as a candidate with the ``warm`` instances
+    (step 6); None at start-up."""
     check_inputs(forecast, profiles, workload)
     if search_passes < 0 or not 0 < tight_ttft <= 1 or not reuse >= 1:
         raise ValueError("moemesh: need search_passes >= 0, 0 < tight_ttft <= 1 and reuse >= 1")
@@ -309,6 +344,8 @@ def plan(
         builders["remoe-hedged"] = lambda: remoe.plan(
             hedged, profiles, slo, cluster, workload, **wider
         )
+    if in_force is not None:
+        builders["in-force"] = lambda: _kept(in_force, forecast, profiles, cluster, workload)
     candidates: dict[str, tuple[Plan, Key]] = {}
     for name, build in builders.items():
         try:

@@ -550,6 +550,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"model.path": str(ensure_checkpoint(name, int(layers) if layers else None).resolve()),
                  "model.dtype": "bfloat16"}
     extra.update(parse_overrides(args.set))
+    classes = {r.slo_class for r in workload.requests}
+    if len(classes) == 1 and "slo.default_class" not in extra:
+        # what a mesh plans before its first request (and sizes its start-up functions for) is
+        # the class every request of this workload brings, as its operator would configure it
+        extra["slo.default_class"] = classes.pop()
     modes = ["instance", "invocation"] if args.billing == "both" else [args.billing]
     keep_alives = _keep_alives(args.keep_alive)
     reference = None

@@ -115,13 +115,15 @@ class Node:
 def _why(plan) -> str:
     """moemesh's reasons, for the log: the start it refined, the reuse its INIT was spread over
     and every start candidate's key (relative SLO excess under the forecast and the hedged
-    loads, money per request): the start is the smallest key."""
+    loads, money per request; "in-force": the plan running now): the start is the smallest
+    key; then the search's moves from it."""
     params = plan.params
     if "candidates" not in params:
         return ""
     keys = ", ".join(f"{name} ({key[0]:.3g}, {key[1]:.3g}, ${key[2]:.3g})" for name, key in params["candidates"].items())
+    moves = ", ".join(params.get("moves") or ()) or "none"
     return (f"; start {params.get('start')}, reuse {params.get('reuse', 1.0):.1f}, candidates (SLO excess, "
-            f"hedged SLO excess, $ per request): {keys}")
+            f"hedged SLO excess, $ per request): {keys}; moves: {moves}")
 
 
 class Coordinator:
@@ -279,7 +281,8 @@ class Coordinator:
         start = time.perf_counter()
         try:
             plan = planning.make_plan(self._guarded_config(), self.model.config, forecast, workload, warm=warm,
-                                      profiles=self.profiles, reuse=self._reuse(), slo_class=slo_class)
+                                      profiles=self.profiles, reuse=self._reuse(), slo_class=slo_class,
+                                      in_force=self.plan)
         except Exception as exc:  # a policy that cannot plan keeps the plan in force
             log.warning("policy %s could not plan (%s); keeping the plan in force", self.config.policy.name, exc)
             return

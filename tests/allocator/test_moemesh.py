@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -139,3 +141,55 @@ def test_cold_starts_are_judged_over_their_reuse(shape, profiles, workload, cpu_
         assert moemesh.plan(forecast, profiles, slo, cpu_cluster, workload).params["reuse"] == 1.0
     with pytest.raises(ValueError, match="reuse"):
         moemesh.plan(forecast, profiles, slo, cpu_cluster, workload, reuse=0.5)
+
+
+def warm_of(plan) -> tuple[WarmInstance, ...]:
+    return tuple(WarmInstance(f.id, frozenset(f.experts), f.memory_gb, "local") for f in plan.functions
+                 for _ in range(f.replicas))
+
+
+def test_the_plan_in_force_is_a_candidate(shape, profiles, workload, cpu_cluster, rng):
+    """At a re-plan the running layout, its instances warm, is judged beside the fresh starts:
+    the result is never worse than keeping it, and when the forecast only swaps which expert of
+    a layer is hottest (Azure-trace runs on the Qwen shapes re-shaped a function at every
+    re-plan for that), no new instance is started."""
+    slo = SLO(1.5, 0.05)
+    for _ in range(3):
+        forecast = random_forecast(rng, shape, workload, confidence=1.0)
+        first = moemesh.plan(forecast, profiles, slo, cpu_cluster, workload)
+        warm = warm_of(first)
+        distribution = forecast.distribution.copy()
+        hottest = distribution.argsort(axis=1)[:, -2:]
+        for layer, (second, top) in enumerate(hottest):
+            distribution[layer, [second, top]] = distribution[layer, [top, second]]
+        swapped = replace(forecast, distribution=distribution, load=distribution * forecast.load.sum(axis=1, keepdims=True))
+        again = moemesh.plan(swapped, profiles, slo, cpu_cluster, workload, warm=warm, in_force=first)
+        assert "in-force" in again.params["candidates"]
+        kept = moemesh._kept(first, swapped, profiles, cpu_cluster, workload)
+        assert tuple(again.params["key"]) <= amortised_key(kept, swapped, profiles, slo, cpu_cluster, workload, 1.0, warm)
+        loads = Loads.from_forecast(swapped, workload, shape.top_k)
+        assert estimate(again, loads, profiles, cpu_cluster, workload, warm=warm).function_init_gb_s == 0.0
+
+
+def test_reusing_a_warm_instance_renames_the_function_left_under_its_id(shape, profiles, workload, cpu_cluster, rng):
+    """A warm instance named like a planned function that holds other experts too is reused; the
+    rest of that function takes a fresh id (it used to block the reuse)."""
+    forecast = random_forecast(rng, shape, workload, confidence=1.0)
+    plan = paper_baselines_cpu_only(forecast, profiles, cpu_cluster, workload)
+    layer_zero = next(f for f in plan.functions if f.experts[0][0] == 0)
+    instance = WarmInstance(layer_zero.id, frozenset(layer_zero.experts[1:]), layer_zero.memory_gb, "local")
+    search = moemesh._Search(moemesh._Judge(forecast, profiles, SLO(1.5, 0.05), cpu_cluster, workload, (instance,)),
+                             profiles, cpu_cluster, workload, forecast.distribution, 64.0)
+    carved = search.reuse_warm(plan, instance)
+    assert carved is not None
+    carved.validate(shape.moe_layers, shape.experts_per_layer)
+    reused = next(f for f in carved.functions if f.id == layer_zero.id)
+    assert set(reused.experts) == set(instance.experts)
+    rest = [f for f in carved.functions if layer_zero.experts[0] in f.experts]
+    assert len(rest) == 1 and rest[0].id != layer_zero.id
+
+
+def paper_baselines_cpu_only(forecast, profiles, cluster, workload):
+    from allocator import paper_baselines
+
+    return paper_baselines.cpu_only(forecast, profiles, SLO(1.5, 0.05), cluster, workload)
