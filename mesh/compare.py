@@ -24,6 +24,10 @@ header and summary, package versions, git revision, machine facts), ``compare.md
 table and the same facts) and PNG plots: cost vs SLO attainment per policy, cost over time,
 cold-start breakdown. Progress goes to stderr.
 
+``--zipf own,0.5,1.0,1.5`` runs every policy once per routing skew (MoEless's Zipf-skewed
+loads, nodes/model/skew.py; "own": the model's router), each against in-process tokens
+under the same routing; the table's routing column names it.
+
 Policies ``oracle`` (predictor ``oracle``, taught the workload's true activations traced in
 process first) and ``eplb`` (predictor ``moving-average``: EPLB re-places from load history
 every ``policy.replan_every`` requests) get their predictor set here; ``--set`` overrides any
@@ -369,17 +373,17 @@ def markdown(result: dict) -> str:
         f"# moemesh compare: {len(result['rows'])} runs on `{w['file']}`", "",
         f"Workload: {w['header'].get('source')} ({json.dumps({k: v for k, v in w['header'].items() if k in ('window', 'time_scale', 'seed', 'rate_per_s', 'shape', 'keep_fraction', 'prompt_tokens', 'max_new_tokens')})}); "
         f"{w['summary']['requests']} requests over {w['summary']['span_s']:.1f} s.", "",
-        "| policy | billing | keep-alive s | $ cost | cost / all-local | GB-s | serverful $ | TTFT p50/p95/p99 s "
+        "| policy | routing | billing | keep-alive s | $ cost | cost / all-local | GB-s | serverful $ | TTFT p50/p95/p99 s "
         "| TPOT p50/p95/p99 s | SLO met | tok/s | cold starts (critical path) | critical cold p50 s "
         "| stragglers | tokens = in-process | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         base = r.get("baseline_all_local_cost")
         ratio = r["cost"] / base if base else None
         t, p, c = r["ttft_s"], r["tpot_s"], r["cold_starts"]
         lines.append(
-            f"| {r['policy']} | {r['billing_mode']} | {_keep_label(r)} | {r['cost']:.3g} | {_fmt(ratio, '.2f')} "
+            f"| {r['policy']} | {_routing_label(r)} | {r['billing_mode']} | {_keep_label(r)} | {r['cost']:.3g} | {_fmt(ratio, '.2f')} "
             f"| {r['gb_s']:.3g} | {_fmt(r.get('serverful_cost'), '.3g')} "
             f"| {_fmt(t['p50'])} / {_fmt(t['p95'])} / {_fmt(t['p99'])} "
             f"| {_fmt(p['p50'])} / {_fmt(p['p95'])} / {_fmt(p['p99'])} | {_fmt(r['slo_attainment'], '.0%')} "
@@ -406,7 +410,9 @@ def plots(result: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    label = [f"{r['policy']} ({r['billing_mode'][:4]}, ka {_keep_label(r)})" for r in rows]
+    skewed = len({r.get("routing_zipf") for r in rows}) > 1
+    label = [f"{r['policy']} ({r['billing_mode'][:4]}, ka {_keep_label(r)}"
+             + (f", {_routing_label(r)})" if skewed else ")") for r in rows]
     files = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     costs = []
@@ -475,11 +481,49 @@ def quick_workload(out: Path, requests: int = 20, rate_per_s: float = 2.0, seed:
                                 max_new_tokens=12, prompt_tokens=None), out / "workload.jsonl")
 
 
+def _routing_label(row: dict) -> str:
+    """A run's routing as the tables show it: "own" (the model's router) or "zipf S"."""
+    z = row.get("routing_zipf")
+    return "own" if z is None else f"zipf {z:g}"
+
+
 def _keep_label(row: dict) -> str:
     """A run's keep-alive as the tables show it: seconds, or "hist" (adaptive, fallback seconds)."""
     if row.get("keep_alive_policy") == "histogram":
         return f"hist ({row['keep_alive_s']:g})"
     return f"{row['keep_alive_s']:g}"
+
+
+_CONFIG = object()  # --zipf not given: every run routes as [model] routing_zipf says
+
+
+def _skews(text: str) -> list:
+    """--zipf "own,0.5,1.5" -> [None, 0.5, 1.5] (None: the model's own router); "" -> [_CONFIG]."""
+    out: list = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        value = None if part in ("own", "none", "model") else float(part)
+        if value is not None and value < 0:
+            raise ValueError(f"a Zipf skew is >= 0, got {part}")
+        out.append(value)
+    return out or [_CONFIG]
+
+
+def _skew_label(skew) -> str:
+    return "own" if skew is None else f"{skew:g}"
+
+
+def _skew_inputs(extra: dict, workload: wl.Workload, policies: list[str], mode: str, no_reference: bool):
+    """(in-process reference tokens, oracle traces) of one routing (``extra``'s [model])."""
+    m = run_config("all-local", mode, None, extra, None).model
+    reference = traces = None
+    if not no_reference:
+        _progress(f"in-process reference tokens (routing {_skew_label(m.routing_zipf)})")
+        reference = reference_tokens(workload, m.path, m.dtype, m.routing_zipf)
+    if "oracle" in policies:
+        _progress("tracing the workload's true activations for the oracle")
+        traces = trace_workload(workload, Path(tempfile.mkdtemp(prefix="moemesh-oracle-")) / "traces",
+                                m.path, m.dtype, m.routing_zipf)
+    return reference, traces
 
 
 def _keep_alives(text: str) -> list[float | str | None]:
@@ -515,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-s", type=float, default=1.0, help="seconds between cost samples")
     ap.add_argument("--warmup", type=int, default=0,
                     help="requests sent before the replay, outside the measurement (0: cold starts count)")
+    ap.add_argument("--zipf", default="", metavar="S[,S...]",
+                    help="run every policy under each Zipf routing skew s (MoEless sweeps 0.5 .. 1.5; 'own' = "
+                         "the model's router), e.g. --zipf own,0.5,1.0,1.5; default: [model] routing_zipf")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--preset", metavar="NAME[:LAYERS]",
                     help="run on a realistic-size synthetic checkpoint in bf16 (moemesh synth; generated on "
@@ -557,21 +604,20 @@ def main(argv: list[str] | None = None) -> int:
         extra["slo.default_class"] = classes.pop()
     modes = ["instance", "invocation"] if args.billing == "both" else [args.billing]
     keep_alives = _keep_alives(args.keep_alive)
-    reference = None
-    m = run_config("all-local", modes[0], None, extra, None).model  # every run's [model]
-    if not args.no_reference:
-        _progress("in-process reference tokens")
-        reference = reference_tokens(workload, m.path, m.dtype, m.routing_zipf)
-    traces = None
-    if "oracle" in policies:
-        _progress("tracing the workload's true activations for the oracle")
-        traces = trace_workload(workload, Path(tempfile.mkdtemp(prefix="moemesh-oracle-")) / "traces",
-                                m.path, m.dtype, m.routing_zipf)
-    runs = [(p, m, k) for p in policies for m in modes for k in keep_alives]
-    rows = []
-    for n, (policy, mode, keep_alive) in enumerate(runs, 1):
-        label = f"[{n}/{len(runs)} {policy} {mode}]"
-        config = run_config(policy, mode, keep_alive, extra, traces)
+    try:
+        skews = _skews(args.zipf)
+    except ValueError as exc:
+        print(f"moemesh compare: --zipf: {exc}", file=sys.stderr)
+        return 2
+    runs = [(z, p, m, k) for z in skews for p in policies for m in modes for k in keep_alives]
+    rows, skew_inputs = [], {}
+    for n, (skew, policy, mode, keep_alive) in enumerate(runs, 1):
+        at = dict(extra) if skew is _CONFIG else {**extra, "model.routing_zipf": skew}
+        if skew not in skew_inputs:  # per routing: the in-process tokens and (oracle) true activations
+            skew_inputs[skew] = _skew_inputs(at, workload, policies, modes[0], args.no_reference)
+        reference, traces = skew_inputs[skew]
+        label = f"[{n}/{len(runs)} {policy} {mode}{'' if skew is _CONFIG else f' zipf {_skew_label(skew)}'}]"
+        config = run_config(policy, mode, keep_alive, at, traces)
         try:
             row = run_one(config, workload, label=label, reference=reference, timeout_s=args.timeout_s,
                           sample_s=args.sample_s, warmup=args.warmup,
@@ -582,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                          "config": config.to_dict()})
             continue
         row["paper"] = paper_baselines.PAPER_OF.get(policy, "moemesh" if policy == "moemesh" else "project")
+        row["routing_zipf"] = config.model.routing_zipf  # None: the model's own router
         rows.append(row)
         _progress(f"{label} done: ${row['cost']:.3g}, SLO {_fmt(row['slo_attainment'], '.0%')}, "
                   f"{row['wall_s']:.1f} s")

@@ -226,3 +226,37 @@ def test_cli_errors_say_what_to_do(tmp_path, capsys):
     path = wl.save(small_workload(), tmp_path / "w.jsonl")
     assert compare.main(["--workload", str(path), "--policies", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown policies" in capsys.readouterr().err
+
+
+def test_zipf_choices():
+    assert compare._skews("own,0.5,1.5") == [None, 0.5, 1.5]
+    assert compare._skews("") == [compare._CONFIG]
+    with pytest.raises(ValueError, match=">= 0"):
+        compare._skews("-1")
+
+
+def test_a_zipf_sweep_runs_every_policy_per_skew_against_its_own_tokens(tmp_path, monkeypatch):
+    """--zipf: one run per (skew, policy), each given the in-process tokens of its own routing
+    and a config routing as it says; the table names the routing of every row."""
+    path = wl.save(small_workload(), tmp_path / "w.jsonl")
+    references, ran = [], []
+
+    def reference_tokens(workload, model_path, dtype, routing_zipf):
+        references.append(routing_zipf)
+        return [[int(10 * (routing_zipf or 0))]] * len(workload.requests)
+
+    def run_one(config, workload, *, label, reference, **_):
+        ran.append((config.policy.name, config.model.routing_zipf, reference[0][0]))
+        row = compare.summarise(config.policy.name, outcomes(), status(), [{"t_s": 0.0, "gb_s": 0.0, "cost": 0.0}])
+        row["keep_alive_s"] = 30.0
+        return row
+
+    monkeypatch.setattr(compare, "reference_tokens", reference_tokens)
+    monkeypatch.setattr(compare, "run_one", run_one)
+    assert compare.main(["--workload", str(path), "--policies", "all-local,moeless", "--zipf", "own,1.5",
+                         "--no-plots", "--out", str(tmp_path / "out")]) == 0
+    assert references == [None, 1.5]
+    assert ran == [("all-local", None, 0), ("moeless", None, 0), ("all-local", 1.5, 15), ("moeless", 1.5, 15)]
+    table = (tmp_path / "out" / "compare.md").read_text()
+    assert "| moeless | zipf 1.5 |" in table and "| all-local | own |" in table
+    assert compare.main(["--workload", str(path), "--zipf", "x", "--out", str(tmp_path)]) == 2
