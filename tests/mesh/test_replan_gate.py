@@ -91,3 +91,22 @@ def test_a_plan_is_made_for_the_slo_class_of_the_request_it_is_made_for():
     default = config.slo.classes[config.slo.default_class]
     assert planning.make_plan(config, model, profiles=profiles).params["slo"]["ttft_s"] == default.ttft_s
     assert len({c.ttft_s for c in config.slo.classes.values()}) > 1  # the classes differ: the test can fail
+
+
+def test_moemesh_is_handed_the_plan_in_force_and_its_warm_instances():
+    """The coordinator's re-plan passes the plan in force (planning.make_plan in_force=): moemesh
+    judges it as a candidate with its warm instances and, with nothing changed, keeps it."""
+    from allocator.model import WarmInstance
+    from mesh.config import load_config
+    from nodes.model.config import MoEConfig
+
+    config = load_config(None, {"policy.name": "moemesh"})
+    model = MoEConfig.from_file(config.model.resolved_path())
+    profiles = Profiles.synthetic(planning.model_shape(model))
+    first = planning.make_plan(config, model, profiles=profiles)
+    warm = [WarmInstance(f.id, frozenset(f.experts), f.memory_gb, "") for f in first.functions]
+    again = planning.make_plan(config, model, profiles=profiles, warm=warm, in_force=first)
+    assert "in-force" in again.params["candidates"]
+    assert "in-force" not in first.params["candidates"]
+    assert (again.local, {(f.id, f.experts, f.memory_gb) for f in again.functions}) == (
+        first.local, {(f.id, f.experts, f.memory_gb) for f in first.functions})
