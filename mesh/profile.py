@@ -1,6 +1,6 @@
 """`moemesh profile`: measure expert functions on this host and store the allocator's profiles.
 
-    moemesh profile [--model bundled] [--memory 0.25,0.5,1,2] [--tokens 1,4,16,64] [--calls 50]
+    moemesh profile [--model bundled] [--memory 0.125,0.25,0.5,1,2] [--tokens 1,4,16,64] [--calls 50]
                     [--period-us 10000 --period-us-compare 100000] [--out profiles/] [--host NAME]
 
 Real function instances: a real node daemon (`python -m nodes.daemon`, its zygote, its cgroups)
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold-memory", type=float, default=d.cold_memory, help="GB of the cold-started functions")
     ap.add_argument("--cold-burst", type=int, default=d.cold_burst,
                     help="one-expert functions cold-started at once to fit the spawn-path weight (0: keep 3)")
+    ap.add_argument("--burst-memory", type=float, default=d.burst_memory, help="GB of each function of the burst")
     ap.add_argument("--saturation-gb", type=float, default=None,
                     help="memory beyond which a function is no faster (default threads_per_function x gb_per_vcpu)")
     ap.add_argument("--family", default=d.family, choices=("best", *FAMILIES), help="the fit to store")
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         period_us=args.period_us, period_us_compare=args.period_us_compare, period_memory=args.period_memory,
         period_tokens=args.period_tokens, period_seconds=args.period_seconds,
         cold_experts=tuple(_ints(args.cold_experts)), cold_repeats=args.cold_repeats, cold_memory=args.cold_memory,
-        cold_burst=args.cold_burst, saturation_gb=args.saturation_gb, family=args.family, out=args.out, host=args.host, config=args.config,
+        cold_burst=args.cold_burst, burst_memory=args.burst_memory, saturation_gb=args.saturation_gb, family=args.family, out=args.out, host=args.host, config=args.config,
         quiet=args.quiet,
     )
     try:

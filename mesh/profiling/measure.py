@@ -111,7 +111,7 @@ def measure(config: MeshConfig, s: Settings, model_path: Path, model: MoEConfig,
             samples, cgroups = sweep(node, s, memory, tokens, model.hidden_size, dtype, progress)
             cold = cold_starts(node, s, model.num_experts, model.num_moe_layers, progress)
             burst = (cold_burst(node, config, model_path, run_dir, s, model.num_experts, model.num_moe_layers,
-                                min(memory), progress) if s.cold_burst else None)
+                                s.burst_memory, progress) if s.cold_burst else None)
             progress.show(f"CFS period {f.cfs_period_us / 1000:g} ms: {s.period_seconds:g} s of calls")
             periods = [period_run(node, s, model.hidden_size, dtype)]
             progress.show("", advance=1)

@@ -158,6 +158,8 @@ def test_a_profile_from_before_the_burst_is_measured_again(profiled, tmp_path):
     """mesh-up's first-use measurement ([policy] profiles = "auto") re-measures a stored profile
     that has no cold-start burst: its spawn-path weight would be the built-in one."""
     assert stale_reason(profiled["path"]) is None
+    assert stale_reason(profiled["path"], smallest_gb=0.25) is None
+    assert "sweeps functions from 0.25 GB" in stale_reason(profiled["path"], smallest_gb=0.125)
     assert "none measured" in stale_reason(tmp_path / "missing.json")
     old = json.loads(profiled["path"].read_text())
     del old["measurement"]["cold_burst"]
@@ -165,6 +167,25 @@ def test_a_profile_from_before_the_burst_is_measured_again(profiled, tmp_path):
     assert "predates the cold-start burst" in stale_reason(tmp_path / "old.json")
     (tmp_path / "bad.json").write_text("{")
     assert "unreadable" in stale_reason(tmp_path / "bad.json")
+
+
+def test_first_use_profiles_sweep_down_to_the_smallest_function_a_plan_may_size(tmp_path):
+    """The first-use sweep (sized_for) starts at [functions] min_memory_gb where one expert fits
+    there (the bundled model's, Qwen's), so no plan's call time is extrapolated below the sweep;
+    a Mixtral expert (336 MB in bf16) does not fit and starts at its own size. The burst keeps
+    its 0.25 GB multiple either way."""
+    from mesh.profile_store import sized_for
+    from nodes.synth.presets import get_preset
+
+    bundled = sized_for(load_config(None, {}))
+    assert bundled["memory"] == (0.125, 0.25, 0.5, 1.0, 2.0) and bundled["burst_memory"] == 0.25
+    for name, first in (("qwen1.5-moe-a2.7b", 0.125), ("mixtral-8x7b", 0.75)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(get_preset(name).hf_config(2)))
+        sizes = sized_for(load_config(None, {"model.path": str(folder), "model.dtype": "bfloat16"}))
+        assert sizes["memory"][0] == first and sizes["burst_memory"] >= 0.25
+        assert sizes["burst_memory"] in sizes["memory"]
 
 
 # ------------------------------------------------------------------ the pieces, without daemons
