@@ -56,8 +56,8 @@ def stale_reason(path: Path, smallest_gb: float | None = None) -> str | None:
     measured before `moemesh profile` measured a burst of cold starts (its spawn-path weight
     would be the built-in 3, fitted on another day: allocator.coldstart), or its memory sweep
     starts above ``smallest_gb``, the smallest function plans may use (sized_for): calls of
-    those would be extrapolated from the curve's fit (Bayesian's 0.125 GB functions were
-    estimated at 3x the call time they ran at)."""
+    those would be extrapolated from the curve's fit (Bayesian sizes one-expert functions at
+    0.125 GB)."""
     import json
 
     if not path.is_file():
