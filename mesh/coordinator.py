@@ -245,6 +245,8 @@ class Coordinator:
         # the per-call time of the mesh's own scatter-gather rounds, once seen (planning.calibrated_profiles)
         self.profiles = planning.calibrated_profiles(self.measured_profiles, self.executor.round_summary())
         due = self._replan_due()
+        if self._guard_trips():  # the meter overrules the estimator now, not at the next re-plan
+            due = True
         gated = due and self._replans_gated()
         # the plan in force's estimate: recorded when it stays, or what the gate weighs
         estimate = self._estimate(forecast, workload, warm) if gated or not due else None
@@ -322,21 +324,28 @@ class Coordinator:
         """The meter overrules the estimator: once the `moemesh` policy has cost more on the meter
         than the all-local baseline for the same traffic (after 2 requests), it plans all-local
         from then on ([policy] meter_guard = false turns this off)."""
-        policy = self.config.policy
-        if policy.name != "moemesh" or not policy.meter_guard:
-            return self.config
-        if not self.guard_tripped and len(self.meter.finished) >= 2:
-            billing = self.meter.billing()
-            baseline = billing.get("baseline_all_local_cost")
-            if baseline and billing["cost"] > baseline:
-                self.guard_tripped = True
-                log.warning("meter guard: %s so far cost $%.3g against $%.3g for all-local on the same traffic; "
-                            "planning all-local from now on (the estimator misjudged this model on this host; "
-                            "[policy] meter_guard = false to keep planning with it)",
-                            policy.name, billing["cost"], baseline)
+        self._guard_trips()
         if not self.guard_tripped:
             return self.config
+        policy = self.config.policy
         return dataclasses.replace(self.config, policy=dataclasses.replace(policy, name="all-local"))
+
+    def _guard_trips(self) -> bool:
+        """Whether the meter guard trips now (once; checked at every admission, so the re-plan
+        to all-local is made for the next request, not at the policy's next re-plan: with
+        keep-alive "none" the moemesh layout cold-started its functions for 16 requests before)."""
+        policy = self.config.policy
+        if policy.name != "moemesh" or not policy.meter_guard or self.guard_tripped or len(self.meter.finished) < 2:
+            return False
+        billing = self.meter.billing()
+        baseline = billing.get("baseline_all_local_cost")
+        if not baseline or billing["cost"] <= baseline:
+            return False
+        self.guard_tripped = True
+        log.warning("meter guard: %s so far cost $%.3g against $%.3g for all-local on the same traffic; "
+                    "planning all-local from now on (the estimator misjudged this model on this host; "
+                    "[policy] meter_guard = false to keep planning with it)", policy.name, billing["cost"], baseline)
+        return True
 
     def _estimate(self, forecast, workload, warm) -> dict | None:
         """The planner's figures for a request under the plan in force (its forecast, the warm
