@@ -143,14 +143,7 @@ class _Search:
         return function_required_gb(experts, self.profiles, self.workload)
 
     def _main_for(self, plan: Plan, local_count: int) -> MainSpec | None:
-        need = main_required_gb(local_count, self.profiles, self.workload)
-        if need > self.cluster.main.capacity_gb:
-            return None
-        memory = max(
-            plan.main.memory_gb,
-            self.cluster.grid.round_up(need, maximum_gb=self.cluster.main.capacity_gb),
-        )
-        return MainSpec(memory, plan.main.device)
+        return _main_holding(plan, local_count, self.profiles, self.cluster, self.workload)
 
     def resize_layer(self, plan: Plan, layer: int, steps: int) -> Plan | None:
         grid = self.cluster.grid
@@ -279,20 +272,28 @@ class _Search:
         return replace(plan, local=plan.local - wanted, functions=tuple(functions))
 
 
+def _main_holding(
+    plan: Plan, local_count: int, profiles: Profiles, cluster: Cluster, workload: Workload
+) -> MainSpec | None:
+    """``plan``'s main grown to hold ``local_count`` experts and this workload (never shrunk;
+    None when the main node cannot)."""
+    need = main_required_gb(local_count, profiles, workload)
+    if need > cluster.main.capacity_gb:
+        return None
+    memory = max(plan.main.memory_gb, cluster.grid.round_up(need, maximum_gb=cluster.main.capacity_gb))
+    return MainSpec(memory, plan.main.device)
+
+
 def _kept(in_force: Plan, forecast: Forecast, profiles: Profiles, cluster: Cluster, workload: Workload) -> Plan:
     """The plan in force as a candidate for this request: its layout unchanged, its main grown
     to the memory this workload needs (ValueError when its main node or a function's memory
     cannot hold this workload: then a fresh layout must serve it)."""
-    need = main_required_gb(len(in_force.local), profiles, workload)
-    if need > cluster.main.capacity_gb:
+    main = _main_holding(in_force, len(in_force.local), profiles, cluster, workload)
+    if main is None:
         raise ValueError("moemesh: the plan in force's main cannot hold this workload")
     short = [f.id for f in in_force.functions if f.memory_gb < function_required_gb(f.experts, profiles, workload) - 1e-9]
     if short:
         raise ValueError(f"moemesh: functions {short} of the plan in force are too small for this workload")
-    main = MainSpec(
-        max(in_force.main.memory_gb, cluster.grid.round_up(need, maximum_gb=cluster.main.capacity_gb)),
-        in_force.main.device,
-    )
     params = {
         "forecast": forecast_summary(forecast),
         "kept": f"the {in_force.policy} plan in force",

@@ -481,10 +481,13 @@ def quick_workload(out: Path, requests: int = 20, rate_per_s: float = 2.0, seed:
                                 max_new_tokens=12, prompt_tokens=None), out / "workload.jsonl")
 
 
+def _routing(skew: float | None) -> str:
+    """A routing as tables and progress show it: "own" (the model's router) or "zipf S"."""
+    return "own" if skew is None else f"zipf {skew:g}"
+
+
 def _routing_label(row: dict) -> str:
-    """A run's routing as the tables show it: "own" (the model's router) or "zipf S"."""
-    z = row.get("routing_zipf")
-    return "own" if z is None else f"zipf {z:g}"
+    return _routing(row.get("routing_zipf"))
 
 
 def _keep_label(row: dict) -> str:
@@ -508,16 +511,12 @@ def _skews(text: str) -> list:
     return out or [_CONFIG]
 
 
-def _skew_label(skew) -> str:
-    return "own" if skew is None else f"{skew:g}"
-
-
 def _skew_inputs(extra: dict, workload: wl.Workload, policies: list[str], mode: str, no_reference: bool):
     """(in-process reference tokens, oracle traces) of one routing (``extra``'s [model])."""
     m = run_config("all-local", mode, None, extra, None).model
     reference = traces = None
     if not no_reference:
-        _progress(f"in-process reference tokens (routing {_skew_label(m.routing_zipf)})")
+        _progress(f"in-process reference tokens (routing {_routing(m.routing_zipf)})")
         reference = reference_tokens(workload, m.path, m.dtype, m.routing_zipf)
     if "oracle" in policies:
         _progress("tracing the workload's true activations for the oracle")
@@ -616,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         if skew not in skew_inputs:  # per routing: the in-process tokens and (oracle) true activations
             skew_inputs[skew] = _skew_inputs(at, workload, policies, modes[0], args.no_reference)
         reference, traces = skew_inputs[skew]
-        label = f"[{n}/{len(runs)} {policy} {mode}{'' if skew is _CONFIG else f' zipf {_skew_label(skew)}'}]"
+        label = f"[{n}/{len(runs)} {policy} {mode}{'' if skew is _CONFIG else ' ' + _routing(skew)}]"
         config = run_config(policy, mode, keep_alive, at, traces)
         try:
             row = run_one(config, workload, label=label, reference=reference, timeout_s=args.timeout_s,

@@ -112,20 +112,6 @@ class Node:
     ghosts: dict[str, float] = field(default_factory=dict)  # instance id -> when we asked to stop it
 
 
-def _why(plan) -> str:
-    """moemesh's reasons, for the log: the start it refined, the reuse its INIT was spread over
-    and every start candidate's key (relative SLO excess under the forecast and the hedged
-    loads, money per request; "in-force": the plan running now): the start is the smallest
-    key; then the search's moves from it."""
-    params = plan.params
-    if "candidates" not in params:
-        return ""
-    keys = ", ".join(f"{name} ({key[0]:.3g}, {key[1]:.3g}, ${key[2]:.3g})" for name, key in params["candidates"].items())
-    moves = ", ".join(params.get("moves") or ()) or "none"
-    return (f"; start {params.get('start')}, reuse {params.get('reuse', 1.0):.1f}, candidates (SLO excess, "
-            f"hedged SLO excess, $ per request): {keys}; moves: {moves}")
-
-
 class Coordinator:
     def __init__(self, config: MeshConfig) -> None:
         self.config = config
@@ -298,7 +284,7 @@ class Coordinator:
         self.meter.policy = planning.describe(plan, forecast)
         log.info("re-planned with %s in %.1f ms: %d local experts, %d functions (forecast by %s, confidence %.2f)%s",
                  plan.policy, (time.perf_counter() - start) * 1e3, len(plan.local), len(plan.functions),
-                 forecast.source, forecast.confidence, _why(plan))
+                 forecast.source, forecast.confidence, planning.reasons(plan))
 
     def _reuse(self) -> float:
         """Requests a plan's cold starts are expected to serve (planning.expected_reuse), from
@@ -323,8 +309,8 @@ class Coordinator:
     def _guarded_config(self) -> MeshConfig:
         """The meter overrules the estimator: once the `moemesh` policy has cost more on the meter
         than the all-local baseline for the same traffic (after 2 requests), it plans all-local
-        from then on ([policy] meter_guard = false turns this off)."""
-        self._guard_trips()
+        from then on ([policy] meter_guard = false turns this off; _guard_trips, at admission,
+        decides)."""
         if not self.guard_tripped:
             return self.config
         policy = self.config.policy

@@ -342,6 +342,20 @@ def all_local_main_gb(config: MeshConfig, model: MoEConfig, profiles: Profiles |
     return plan.main.memory_gb
 
 
+def reasons(plan: Plan) -> str:
+    """moemesh's reasons, for the re-plan log: the start it refined, the reuse its INIT was
+    spread over and every start candidate's key (relative SLO excess under the forecast and the
+    hedged loads, money per request; "in-force": the plan running now): the start is the
+    smallest key; then the search's moves from it. "" for other policies."""
+    params = plan.params
+    if "candidates" not in params:
+        return ""
+    keys = ", ".join(f"{name} ({key[0]:.3g}, {key[1]:.3g}, ${key[2]:.3g})" for name, key in params["candidates"].items())
+    moves = ", ".join(params.get("moves") or ()) or "none"
+    return (f"; start {params.get('start')}, reuse {params.get('reuse', 1.0):.1f}, candidates (SLO excess, "
+            f"hedged SLO excess, $ per request): {keys}; moves: {moves}")
+
+
 def describe(plan: Plan, forecast: Forecast | None = None) -> dict:
     """The plan in force and why, as the meter publishes it (tui/ shows it)."""
     return {
