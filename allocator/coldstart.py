@@ -1,40 +1,43 @@
 """When a plan's cold instances are ready, and how long each one's INIT lasts, on shared nodes.
 
 A node daemon has one zygote that forks its workers one after another (nodes/zygote.py), and
-every forked worker then runs its INIT (cgroup limits, weight load, ready) while the next ones
-fork. Measured on this machine (`moemesh bench --policies`, all-remote: 48 one-expert
-functions of 0.325 GB on two 1-vCPU nodes): the 24th fork of a node started 1.2 s after the
-first, and INIT, 0.05 s for the first instances (as `moemesh profile` measures one alone),
-stretched to 0.3-0.8 s while ten others shared the node; INIT summed over the 48 instances
-was 20 s, not 48 x 0.05 s. So cold starts in parallel (Remoe's assumption) under-bill INIT by
-an order of magnitude and put the last function's ready time at 0.05 s instead of ~1.6 s.
+every forked worker then runs its INIT (cgroup limits, weight load, ready). Measured on this
+machine (48 one-expert functions of 0.25-0.33 GB requested at once on two 1-vCPU nodes): forked
+as fast as the zygote could, the INITs shared the node, each took 0.3-0.7 s on average (0.035 s
+alone) and the burst billed 15-30 s of INIT, 2x apart from one burst to the next. So the daemon
+gates them (nodes/init_gate.py): a cold start is forked only once its CPU share fits in the
+node's vCPUs beside those still in fork or INIT; INIT then takes about its time alone at its
+own quota (the worker joins its cgroup before it loads: 0.09-0.15 s at a quarter of a vCPU,
+0.09-0.12 s at a third), the burst bills 3-4x less and the last one is ready as soon (1.3-1.6 s).
 
 Model (processor sharing, per node, deterministic):
 
 - Cold replicas are spawned at t = 0 in plan order; a replica without a named node goes to
   the function node with the least memory placed per GB of capacity (the coordinator's
   ``_place``), counting warm instances already there.
-- Each cold start needs ``spawn_s`` CPU-seconds of the zygote (the fork; serial: one at a time)
-  and then ``init_s = cold_start(bytes) - spawn_s`` CPU-seconds of its own (INIT), both as
-  measured alone on a 1 vCPU share by ``moemesh profile``.
-- The node's ``cpus`` are shared among the spawn path (while forks are queued; weight
-  ``spawn_shares``: the daemon, the zygote and the new child each take a share) and the workers
-  in INIT (weight 1 each, at most one CPU: INIT is one thread). The weight is fitted per host
-  and model by `moemesh profile` (:func:`fit_spawn_shares`) to a burst of 48 one-expert cold
-  starts spread over the config's CPU nodes, a daemon each, as the mesh runs them: 3.75 for the
-  bundled model here (mean INIT 300 ms modelled 304, last ready 1.60 s modelled 1.62), 7.5 for
-  the Qwen shapes (0.89 s both); 3 where no profile has measured it. The
-  function's CPU quota is not applied to INIT: measured, 4- and 8-expert functions of 0.325
-  vCPU took 0.09 s of INIT, against 0.05-0.07 s alone at 1 vCPU (the quota would make it
-  0.15-0.2 s), and the first one-expert instances of a burst 0.05 s against 0.035 s.
+- Each cold start needs ``spawn_s`` CPU-seconds of the zygote (the fork; serial: one at a
+  time), which starts only when its CPU cap fits in the node's ``init_cpus`` beside the caps
+  of those in fork or INIT (the gate; one alone always fits), and then ``init_s =
+  cold_start(bytes) - spawn_s`` CPU-seconds of its own (INIT), both as measured alone on a 1
+  vCPU share by ``moemesh profile``, at most its CPU share (``cpu_cap``: its quota; at most
+  one CPU, INIT is one thread).
+- The node's ``cpus`` are shared among the spawn path (while a fork runs; weight
+  ``spawn_shares``: the daemon, the zygote and the new child each take a share) and the
+  workers in INIT (weight 1 each). The weight is fitted per host and model by `moemesh
+  profile` (:func:`fit_spawn_shares`) to a burst of 48 one-expert cold starts spread over the
+  config's CPU nodes, a daemon each, as the mesh runs them (bundled model here: 1.25, mean INIT
+  modelled 0.176 s against 0.176 measured, last ready 1.81 s against 1.83); 3 where no profile
+  has measured it.
 
-Returns per cold replica its ready time (the fork queue, then INIT) and its INIT seconds (what
-the meter bills as INIT: from the worker's first line to ready; the fork is the platform's).
+Returns per cold replica its ready time (the gate and fork queue, then INIT) and its INIT
+seconds (what the meter bills as INIT: from the worker's first line to ready; the queue and
+the fork are the platform's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +54,7 @@ class ColdReplica:
     node: str
     spawn_s: float
     init_s: float
-    cpu_cap: float = 1.0  # CPUs its INIT may use (one thread; see the module docstring)
+    cpu_cap: float = 1.0  # CPUs its INIT may use: its CPU share, at most one (module docstring)
 
 
 @dataclass(frozen=True)
@@ -129,70 +132,83 @@ def simulate_node(
     init_s: Sequence[float],
     caps: Sequence[float] | None = None,
     spawn_shares: float = SPAWN_PATH_SHARES,
+    gate_cpus: float = math.inf,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One node's cold starts in processor sharing: (ready_s, INIT duration) per replica [n].
 
-    Replica k is forked (``spawn_s[k]`` CPU-seconds) after replica k-1's fork, then needs
-    ``init_s[k]`` CPU-seconds of INIT at most ``caps[k]`` CPUs (at most 1: one thread;
-    default 1). The node's ``cpus`` are shared among the spawn path, weighted
-    ``spawn_shares`` (three processes take part in a fork: the daemon, the zygote and the
-    child), and each worker in INIT, weighted 1. Fitted to the all-remote run in the module
-    docstring (weight 3: forks 49 ms apart, mean INIT 0.43 s, last ready 1.34 s after the
-    first fork; measured 47 ms, 0.42 s, ~1.5 s); weight 1 gives a mean INIT of 0.16 s.
+    Replica k is forked (``spawn_s[k]`` CPU-seconds) after replica k-1's fork, and only once
+    its CPU cap fits in ``gate_cpus`` beside the caps of the replicas still in fork or INIT (the
+    daemon's init gate, nodes/init_gate.py; one alone always fits; inf: no gate), then needs
+    ``init_s[k]`` CPU-seconds of INIT at most ``caps[k]`` CPUs (its CPU share, at most 1: one
+    thread at its cgroup's quota; default 1). The node's ``cpus`` are shared among the spawn
+    path, weighted ``spawn_shares`` (three processes take part in a fork: the daemon, the
+    zygote and the child), and each worker in INIT, weighted 1.
     """
     spawn = [float(v) for v in spawn_s]
     left = [float(v) for v in init_s]
     n = len(spawn)
     cap = [1.0] * n if caps is None else [min(float(c), 1.0) for c in caps]
-    if cpus <= 0 or any(c <= 0 for c in cap) or len(left) != n or len(cap) != n:
-        raise ValueError(f"simulate_node: need cpus > 0, caps > 0 and equal lengths, got {cpus}, {cap}")
+    if cpus <= 0 or gate_cpus <= 0 or any(c <= 0 for c in cap) or len(left) != n or len(cap) != n:
+        raise ValueError(f"simulate_node: need cpus, gate_cpus and caps > 0 and equal lengths, "
+                         f"got {cpus}, {gate_cpus}, {cap}")
     ready, started = [0.0] * n, [0.0] * n
-    forking, fork_left = 0, (spawn[0] if n else 0.0)
+    nxt, forking, fork_left = 0, -1, 0.0  # next replica to admit; the one in fork (-1: none)
     running: list[int] = []
+    held = 0.0  # caps of the replicas in fork or INIT
     clock = 0.0
-    while forking < n or running:
-        jobs = ([-1] if forking < n else []) + running
-        rates = _share(cpus, [spawn_shares if j < 0 else 1.0 for j in jobs],
-                       [1.0 if j < 0 else cap[j] for j in jobs])
-        step = min((fork_left if j < 0 else left[j]) / rate for j, rate in zip(jobs, rates))
-        clock += step
-        for j, rate in zip(jobs, rates):
-            if j < 0:
-                fork_left -= rate * step
-            else:
-                left[j] -= rate * step
+    while nxt < n or forking >= 0 or running:
+        if forking < 0 and nxt < n and (held == 0.0 or held + cap[nxt] <= gate_cpus + 1e-9):
+            forking, fork_left, nxt = nxt, spawn[nxt], nxt + 1
+            held += cap[forking]
+        if forking >= 0 and fork_left <= 1e-12:  # a fork of no work: at once
+            step = 0.0
+        else:
+            jobs = ([-1] if forking >= 0 else []) + running
+            rates = _share(cpus, [spawn_shares if j < 0 else 1.0 for j in jobs],
+                           [1.0 if j < 0 else cap[j] for j in jobs])
+            step = min((fork_left if j < 0 else left[j]) / rate for j, rate in zip(jobs, rates))
+            clock += step
+            for j, rate in zip(jobs, rates):
+                if j < 0:
+                    fork_left -= rate * step
+                else:
+                    left[j] -= rate * step
         for j in [j for j in running if left[j] <= 1e-12]:
             running.remove(j)
             ready[j] = clock
-        if forking < n and fork_left <= 1e-12:
+            held -= cap[j]
+        if forking >= 0 and fork_left <= 1e-12:
             started[forking] = clock
             if left[forking] <= 1e-12:
                 ready[forking] = clock
+                held -= cap[forking]
             else:
                 running.append(forking)
-            forking += 1
-            fork_left = spawn[forking] if forking < n else 0.0
+            forking = -1
+        held = max(held, 0.0) if running or forking >= 0 else 0.0
     return np.array(ready), np.array(ready) - np.array(started)
 
 
-def fit_spawn_shares(nodes: Sequence[tuple[float, Sequence[float]]], spawn_s: float, measured_init_s: float,
+def fit_spawn_shares(nodes: Sequence[tuple], spawn_s: float, measured_init_s: float,
                      grid: Sequence[float] = tuple(0.25 * k for k in range(1, 65))) -> float:
     """The spawn-path weight with which :func:`simulate_node` bills a burst's measured INIT.
 
-    A burst of cold starts requested at once on ``nodes``, each ``(cpus, init_s)``: the node's
-    CPUs and, per cold start it forks, the INIT it needs alone (as the estimator models it);
-    every fork takes ``spawn_s``; the measured INIT summed over the burst is ``measured_init_s``.
-    Returns the weight of ``grid`` whose simulated sum is nearest (the sum grows with the
-    weight: the forks take CPU from the INITs while they last). `moemesh profile` measures the
-    burst on this host (mesh/profiling/measure.py ``cold_burst``), so the contention is
-    today's, not a constant."""
-    nodes = [(float(cpus), list(init)) for cpus, init in nodes if len(init)]
+    A burst of cold starts requested at once on ``nodes``, each ``(cpus, init_s)`` or
+    ``(cpus, init_s, caps, gate_cpus)``: the node's CPUs, per cold start it forks the INIT it
+    needs alone (as the estimator models it), their CPU caps and the node's init gate (default
+    1 each and no gate); every fork takes ``spawn_s``; the measured INIT summed over the burst
+    is ``measured_init_s``. Returns the weight of ``grid`` whose simulated sum is nearest (the
+    sum grows with the weight: the forks take CPU from the INITs while they last). `moemesh
+    profile` measures the burst on this host (mesh/profiling/measure.py ``cold_burst``), so the
+    contention is today's, not a constant."""
+    nodes = [(float(n[0]), list(n[1]), list(n[2]) if len(n) > 2 else None,
+              float(n[3]) if len(n) > 3 else math.inf) for n in nodes if len(n[1])]
     if not nodes or measured_init_s <= 0:
         raise ValueError("fit_spawn_shares: need a burst and a measured INIT > 0")
 
     def error(weight: float) -> float:
-        total = sum(float(simulate_node(cpus, [spawn_s] * len(init), init, spawn_shares=weight)[1].sum())
-                    for cpus, init in nodes)
+        total = sum(float(simulate_node(cpus, [spawn_s] * len(init), init, caps, weight, gate)[1].sum())
+                    for cpus, init, caps, gate in nodes)
         return abs(total - measured_init_s)
 
     return min(grid, key=error)
@@ -208,13 +224,14 @@ def cold_timeline(replicas: Sequence[ColdReplica], cluster: Cluster,
     for index, replica in enumerate(replicas):
         by_node.setdefault(replica.node, []).append(index)
     for node, members in by_node.items():
-        cpus = float(cluster.node(node).cpus)
+        host = cluster.node(node)
         r, i = simulate_node(
-            cpus,
+            float(host.cpus),
             [replicas[m].spawn_s for m in members],
             [replicas[m].init_s for m in members],
             [replicas[m].cpu_cap for m in members],
             spawn_shares,
+            host.init_cpus if host.init_cpus is not None else math.inf,
         )
         ready[members], init[members] = r, i
     return ColdTimeline(tuple(replicas), ready, init)

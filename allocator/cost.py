@@ -393,6 +393,8 @@ def estimate(
                 node,
                 profiles.spawn_s,
                 float(profiles.init_s(len(plan.functions[index].experts) * shape.bytes_per_expert)),
+                # INIT runs at the instance's CPU quota (it joins its cgroup first), one thread
+                min(1.0, plan.functions[index].memory_gb / prices.gb_per_vcpu),
             )
             for index, node in place_cold(plan, cold_replicas, cluster, warm)
         ],

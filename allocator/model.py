@@ -219,12 +219,15 @@ class MemoryGrid:
 
 @dataclass(frozen=True)
 class Node:
-    """One host. capacity_gb: memory functions placed on it may use (GPU memory for kind "gpu")."""
+    """One host. capacity_gb: memory functions placed on it may use (GPU memory for kind "gpu");
+    init_cpus: vCPUs its cold starts may hold at once, each its CPU share (the daemon's init
+    gate, nodes/init_gate.py; None: no gate, every cold start forked as soon as it can be)."""
 
     name: str
     kind: str
     capacity_gb: float
     cpus: int
+    init_cpus: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in NODE_KINDS:
@@ -232,6 +235,8 @@ class Node:
                 f"Node {self.name}: kind must be one of {NODE_KINDS}, got {self.kind!r}"
             )
         _positive(f"Node {self.name}", capacity_gb=self.capacity_gb, cpus=self.cpus)
+        if self.init_cpus is not None:
+            _positive(f"Node {self.name}", init_cpus=self.init_cpus)
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,8 @@ def _replay_once(policy: str, prompts: list[str], new_tokens: int, reference: li
                                    if est_tpot else None),
         "data_plane": status.get("data_plane"), "main": status.get("main"),
         "components": components([r[1].record for r in results], status),  # est vs meter per term
+        "requests": [{"ttft_s": r[1].ttft_s, "tpot_s": r[1].tpot_s, "estimate": r[1].record.get("estimate")}
+                     for r in results],  # per request: what was measured beside what was estimated
     }
 
 

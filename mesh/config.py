@@ -366,6 +366,9 @@ class FunctionsConfig:
                           the kernel's 100 ms default stalls them)
     spawn:                "zygote" (fork a warm zygote) or "fresh" (new interpreter)
     start_delay_s:        added to every cold start to mimic a slower platform
+    init_cpus:            vCPUs a node's cold starts (fork + INIT) hold at once, each its CPU
+                          share (at most 1: INIT is one thread); the others wait their turn,
+                          unbilled (nodes/init_gate.py); 0: the node's cpus
     min_memory_gb:        smallest instance; memory_step_gb: sizes are multiples of it
     cgroups:              "auto" (enforce where writable), "off" (account only), "require"
     threads_per_function: torch threads per instance
@@ -385,6 +388,7 @@ class FunctionsConfig:
     cfs_period_us: int = setting(10_000, between(1_000, 1_000_000))
     spawn: Literal["zygote", "fresh"] = "zygote"
     start_delay_s: float = setting(0.0, at_least(0))
+    init_cpus: float = setting(0.0, at_least(0))
     min_memory_gb: float = setting(0.125, above(0))
     memory_step_gb: float = setting(0.1, above(0))
     cgroups: Literal["auto", "off", "require"] = "auto"
@@ -395,6 +399,10 @@ class FunctionsConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    def init_capacity(self, cpus: float) -> float:
+        """vCPUs the cold starts of a node of `cpus` vCPUs may hold at once (init_cpus; 0: cpus)."""
+        return float(self.init_cpus or cpus)
 
     def cpu_share(self, memory_gb: float) -> float:
         """vCPUs that an instance of `memory_gb` GB gets."""

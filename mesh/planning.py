@@ -102,7 +102,8 @@ def dtype_bytes(config: MeshConfig) -> int:
 
 
 def cluster_of(config: MeshConfig) -> Cluster:
-    nodes = [Node(n.name, n.kind, n.capacity_gb, max(1, int(round(n.cpus)))) for n in config.nodes]
+    nodes = [Node(n.name, n.kind, n.capacity_gb, max(1, int(round(n.cpus))),
+                  init_cpus=config.functions.init_capacity(n.cpus)) for n in config.nodes]
     from mesh.device import price_kind, resolve_device
 
     main = Node("main", price_kind(resolve_device(config.coordinator.device)), 64.0, 2)

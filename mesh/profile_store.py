@@ -54,7 +54,8 @@ def ensure_profiles(config) -> Path | None:
 def stale_reason(path: Path, smallest_gb: float | None = None) -> str | None:
     """Why the profile at `path` must be measured (again), or None: none is stored, it was
     measured before `moemesh profile` measured a burst of cold starts (its spawn-path weight
-    would be the built-in 3, fitted on another day: allocator.coldstart), or its memory sweep
+    would be the built-in 3, fitted on another day: allocator.coldstart) or before the nodes'
+    init gate (its burst forked every cold start at once), or its memory sweep
     starts above ``smallest_gb``, the smallest function plans may use (sized_for): calls of
     those would be extrapolated from the curve's fit (Bayesian sizes one-expert functions at
     0.125 GB)."""
@@ -68,6 +69,8 @@ def stale_reason(path: Path, smallest_gb: float | None = None) -> str | None:
         return f"{path} is unreadable"
     if "cold_burst" not in measurement:
         return f"{path} predates the cold-start burst measurement (spawn-path weight not fitted)"
+    if not all("init_cpus" in n for n in measurement["cold_burst"].get("nodes") or [{}]):
+        return f"{path} measured its burst of cold starts before nodes gated them (nodes/init_gate.py)"
     swept = [float(p["memory_gb"]) for p in measurement.get("points") or () if "memory_gb" in p]
     if smallest_gb is not None and swept and min(swept) > smallest_gb + 1e-9:
         return (f"{path} sweeps functions from {min(swept):g} GB, above the smallest plans may use "

@@ -100,6 +100,7 @@ from mesh.protocol import (
 )
 from mesh.sockets import harden
 from nodes import fence, resources
+from nodes.init_gate import InitGate
 from nodes.limits import Applied, Cgroups, CgroupUnavailable
 from nodes.procs import pack, read_message_async
 from nodes.worker import WorkerSpec, read_run_record, setup_logging
@@ -129,6 +130,9 @@ class DaemonSettings:
     heartbeat_interval_s, liveness: used until the coordinator's RegisterAck says otherwise
     stop_grace_s:         how long a stopped worker may take before SIGKILL
     ready_timeout_s:      how long a spawn may take (plus its start delay) before SIGKILL
+    init_cpus:            vCPUs the cold starts in fork + INIT hold at once, each its CPU
+                          share (nodes/init_gate.py); the others wait before their fork, in
+                          the unbilled "spawn" stage
     worker_ping_s:        how often ready workers are pinged (their serving loop answers)
     hung_after_s:         a ready worker without a Pong for this long is killed as hung
     dtype:                workers load expert weights in the mesh's [model] dtype
@@ -150,6 +154,7 @@ class DaemonSettings:
     liveness: int = 3
     stop_grace_s: float = 3.0
     ready_timeout_s: float = 120.0
+    init_cpus: float = 1.0
     dtype: str = "float32"
     worker_ping_s: float = WORKER_PING_S
     hung_after_s: float = HUNG_AFTER_S
@@ -172,6 +177,7 @@ class DaemonSettings:
             capacity_gb=entry.capacity_gb, cpus=entry.cpus, spawn=functions.spawn,
             cgroups=functions.cgroups, cfs_period_us=functions.cfs_period_us,
             gb_per_vcpu=functions.gb_per_vcpu, threads_per_function=functions.threads_per_function,
+            init_cpus=functions.init_capacity(entry.cpus),
             heartbeat_interval_s=config.coordinator.heartbeat_s, liveness=config.coordinator.liveness,
             dtype=config.model.dtype, security=security.bundle(config),
         )
@@ -317,6 +323,7 @@ class NodeDaemon:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cgroups = Cgroups(settings.node, settings.cgroups, settings.cfs_period_us)
         self.instances: dict[str, Instance] = {}
+        self.init_gate = InitGate(settings.init_cpus)
         self.context = zmq.asyncio.Context()
         self.control: zmq.asyncio.Socket | None = None
         self.workers: zmq.asyncio.Socket | None = None
@@ -559,11 +566,16 @@ class NodeDaemon:
         inst = Instance(msg, spec, limits, via_zygote=msg.spawn == "zygote")
         self.instances[msg.instance_id] = inst
         try:
+            # INIT is one thread at the cgroup's quota: it holds its share, at most one vCPU
+            await self.init_gate.enter(msg.instance_id, min(1.0, cpu_share))  # left when ready or ended
+            if self.stopping.is_set():
+                raise MeshError(f"node {s.node} is shutting down", code="function_failed")
             if inst.via_zygote:
                 await self._fork(inst)
             else:
                 await self._start_fresh(inst)
         except Exception as exc:
+            self.init_gate.leave(msg.instance_id)
             self.instances.pop(msg.instance_id, None)
             self.cgroups.remove(limits)
             error = str(exc) if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
@@ -708,6 +720,7 @@ class NodeDaemon:
         if inst.state != "starting":
             return
         inst.state, inst.ready = "ready", msg
+        self.init_gate.leave(inst.instance_id)
         inst.last_pong = time.monotonic()
         if inst.stop_reason is not None:  # asked to stop while starting: do it now
             self._stop(inst, inst.stop_reason)
@@ -740,6 +753,7 @@ class NodeDaemon:
         if inst.exited.is_set():
             return
         inst.exited.set()
+        self.init_gate.leave(inst.instance_id)
         now = time.time()
         for timer in inst.timers:
             timer.cancel()

@@ -93,14 +93,18 @@ def fit_burst(profiles: Profiles, burst: dict) -> tuple[Profiles, dict]:
     for index, node in enumerate(burst.get("node") or [0] * len(burst["bytes"])):
         members.setdefault(int(node), []).append(index)
     cpus = burst["cpus"] if isinstance(burst["cpus"], list) else [burst["cpus"]] * len(burst["bytes"])
+    gates = [n.get("init_cpus") for n in burst.get("nodes") or ()]
+    cap = min(1.0, float(burst.get("cpu_share", 1.0)))  # INIT at the instance's quota, one thread
     alone = [float(profiles.init_s(b)) for b in burst["bytes"]]
-    groups = [(float(cpus[m[0]]), [alone[i] for i in m]) for m in members.values()]
+    groups = [(float(cpus[m[0]]), [alone[i] for i in m], [cap] * len(m),
+               float(gates[k]) if k < len(gates) and gates[k] else math.inf)
+              for k, m in members.items()]
     fitted = fit_spawn_shares(groups, spawn, burst["init_sum_s"])
 
     def simulate(weight: float) -> tuple[list[float], list[float]]:
         ready, init = [], []
-        for node_cpus, node_alone in groups:
-            r, i = simulate_node(node_cpus, [spawn] * len(node_alone), node_alone, spawn_shares=weight)
+        for node_cpus, node_alone, caps, gate in groups:
+            r, i = simulate_node(node_cpus, [spawn] * len(node_alone), node_alone, caps, weight, gate)
             ready += list(r)
             init += list(i)
         return ready, init

@@ -106,7 +106,9 @@ def measure(config: MeshConfig, s: Settings, model_path: Path, model: MoEConfig,
     run_dir = Path(tempfile.mkdtemp(prefix="moemesh-profile-"))
     try:
         progress.show(f"starting a node daemon ({f.cfs_period_us / 1000:g} ms CFS period)")
-        with Node(config, model_path, f.cfs_period_us, run_dir, "a") as node:
+        # the sweep's daemon is also the burst's first node: it starts as many INITs at once
+        with Node(config, model_path, f.cfs_period_us, run_dir, "a",
+                  init_cpus=f.init_capacity(burst_nodes(config)[0][1])) as node:
             node.wait_warm()
             samples, cgroups = sweep(node, s, memory, tokens, model.hidden_size, dtype, progress)
             cold = cold_starts(node, s, model.num_experts, model.num_moe_layers, progress)
@@ -272,8 +274,10 @@ def cold_burst(first: Node, config: MeshConfig, model_path: Path, run_dir: Path,
             daemons[k].stop(ready.instance_id)
     progress.show("", advance=1)
     init = [sum(v for key, v in ready.stages.items() if key != "spawn") for _, ready, _ in readies]
-    return {"functions": n, "memory_gb": memory_gb,
-            "nodes": [{"name": name, "cpus": cpus} for name, cpus in nodes[:len(daemons)]],
+    f = config.functions
+    return {"functions": n, "memory_gb": memory_gb, "cpu_share": f.cpu_share(memory_gb),
+            "nodes": [{"name": name, "cpus": cpus, "init_cpus": f.init_capacity(cpus)}
+                      for name, cpus in nodes[:len(daemons)]],
             "node": [k for k, _, _ in readies], "cpus": [nodes[k][1] for k, _, _ in readies],
             "bytes": [int(r.get("bytes_read", 0)) for r in records],
             "ready_s": [t for _, _, t in readies], "init_s": init,

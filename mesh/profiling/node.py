@@ -140,15 +140,20 @@ class ControlPlane(threading.Thread):
                 self.cond.wait(min(left, 0.5))
 
 
-def node_config(config: MeshConfig, name: str, period_us: int, cpus: float | None = None) -> MeshConfig:
+def node_config(config: MeshConfig, name: str, period_us: int, cpus: float | None = None,
+                init_cpus: float | None = None) -> MeshConfig:
     """`config` for one local CPU node `name` with `cpus` (None: every core), CFS period
-    `period_us`, the profiler's heartbeat and liveness, no scale to zero and no added start delay."""
+    `period_us`, the profiler's heartbeat and liveness, no scale to zero and no added start
+    delay; its cold starts hold `init_cpus` vCPUs at once (None: as the config gives a node of
+    `cpus`)."""
     data = config.to_dict()
     data["hosts"] = [{"name": "local", "address": "127.0.0.1"}]
     data["nodes"] = [{"name": name, "host": "local", "kind": "cpu", "capacity_gb": 64.0,
                       "cpus": float(cpus if cpus is not None else (os.cpu_count() or 1))}]
     data["functions"] = {**data["functions"], "cfs_period_us": int(period_us), "keep_alive_s": KEEP_ALIVE_S,
                          "start_delay_s": 0.0}
+    if init_cpus is not None:
+        data["functions"]["init_cpus"] = float(init_cpus)
     data["coordinator"] = {**data["coordinator"], "heartbeat_s": HEARTBEAT_S, "liveness": LIVENESS}
     return MeshConfig.from_dict(data)
 
@@ -157,11 +162,11 @@ class Node:
     """A real node daemon (`python -m nodes.daemon`) with its own control plane; a context manager."""
 
     def __init__(self, config: MeshConfig, model_path: Path, period_us: int, run_dir: Path, tag: str,
-                 cpus: float | None = None) -> None:
+                 cpus: float | None = None, init_cpus: float | None = None) -> None:
         self.name = f"profile{tag}-{uuid.uuid4().hex[:6]}"
         self.model_path = model_path
         self.run_dir = run_dir
-        self.config = node_config(config, self.name, period_us, cpus)
+        self.config = node_config(config, self.name, period_us, cpus, init_cpus)
         self.spawn_how = self.config.functions.spawn
         self.control = ControlPlane(self.name, self.config)
         self.proc: subprocess.Popen | None = None

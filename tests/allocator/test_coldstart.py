@@ -47,6 +47,20 @@ def test_a_saturated_node_finishes_when_its_work_is_done():
     assert np.all(np.diff(ready) >= -1e-12) and np.all(init >= np.array(work) - 1e-12)
 
 
+def test_the_init_gate_admits_cold_starts_while_their_caps_fit():
+    """With a gate of one vCPU, full-vCPU cold starts run one at a time: each INIT is its time
+    alone (nothing shares the node with it but the next fork, which waits), ready one after
+    another; quarter-vCPU ones (their quota) run four at a time, each at its quota."""
+    ready, init = simulate_node(1.0, [0.01] * 3, [0.04] * 3, gate_cpus=1.0)
+    assert init == pytest.approx([0.04] * 3) and ready == pytest.approx([0.05, 0.10, 0.15])
+    ready, init = simulate_node(1.0, [0.0] * 8, [0.01] * 8, caps=[0.25] * 8, gate_cpus=1.0)
+    assert init == pytest.approx([0.04] * 8) and ready == pytest.approx([0.04] * 4 + [0.08] * 4)
+    ungated = simulate_node(1.0, [0.014] * 24, [0.042] * 24)
+    gated = simulate_node(1.0, [0.014] * 24, [0.042] * 24, gate_cpus=1.0)
+    assert gated[1].sum() < 0.2 * ungated[1].sum()  # the INIT billed: a fraction of the shared one
+    assert gated[0].max() == pytest.approx(ungated[0].max(), rel=1e-9)  # the same work, done as soon
+
+
 def test_the_measured_all_remote_burst():
     """allocator.coldstart's fit: 24 one-expert cold starts on one 1-vCPU node, 14 ms fork and
     42 ms INIT alone: forks ~49 ms apart, mean INIT ~0.43 s (measured 47 ms,

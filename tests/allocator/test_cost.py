@@ -36,7 +36,8 @@ def test_hand_worked_case():
     Loads: prefill (3, 1) slots, decode (1.5, 0.5) slots = (0.75, 0.25) per decode token.
     Prefill: local speed min(2 GB, 1 CPU * 1 GB) = 1 GB -> 10 ms (one call, slope 0); remote
       10 ms / 0.5 + 2 ms = 22 ms; both called (P = 1), so the layer takes max = 22 ms.
-      TTFT = main cold 1.0 + dense 0.001, the remote is ready at 0.5 < 1.001, + 0.022 = 1.023 s.
+      TTFT = main cold 1.0 + dense 0.001, the remote is ready at 1.0 (below) < 1.001, + 0.022
+      = 1.023 s.
     Decode step: local P = 0.75, 10 ms; remote P = 0.25, 22 ms. Weights of "slowest called":
       remote 0.25, local 0.75 * (1 - 0.25) = 0.5625, sum 0.8125; top-1 routing calls a branch
       on every token, so they are rescaled to sum to 1:
@@ -44,8 +45,8 @@ def test_hand_worked_case():
       step = 0.001 + 0.0136923 = TPOT 0.0146923 s, decode 0.0293846 s, wall 1.0523846 s.
     Invocation billing with INIT: the function bills its own compute per call (20 ms, already
       on the 1 ms grid; the 2 ms transfer is not its time): 0.020 + 2 * 0.25 * 0.020 = 0.030 s,
-      + INIT 0.5 s (alone on its node: no fork queue, no one to share with) -> 0.530 s * 0.5 GB
-      = 0.265 GB-s; main: (wall - cold + cold) * 2 GB = 2.1047692 GB-s.
+      + INIT 1.0 s (0.5 s alone at a full vCPU, at its own quota of 0.5 vCPU; alone on its
+      node: no fork queue, no one to share with) -> 1.030 s * 0.5 GB = 0.515 GB-s; main: (wall - cold + cold) * 2 GB = 2.1047692 GB-s.
       Calls: main 1 + prefill 1 + 2 * 0.25 = 2.5.
     """
     profiles = hand_profiles()
@@ -62,13 +63,13 @@ def test_hand_worked_case():
     assert result.tpot_s == pytest.approx(0.001 + 0.011125 / 0.8125)
     wall = 1.023 + 2 * (0.001 + 0.011125 / 0.8125)
     assert result.wall_s == pytest.approx(wall)
-    assert result.function_gb_s["f"] == pytest.approx(0.265)
-    assert result.function_init_gb_s == pytest.approx(0.25)
+    assert result.function_gb_s["f"] == pytest.approx(0.515)
+    assert result.function_init_gb_s == pytest.approx(0.5)
     assert result.main_gb_s == pytest.approx(2 * wall)
     assert result.invocations == pytest.approx(2.5)
     prices = cluster.prices
     assert result.money == pytest.approx(
-        (0.265 + 2 * wall) * prices.cpu_gb_s + 2.5 * prices.per_request
+        (0.515 + 2 * wall) * prices.cpu_gb_s + 2.5 * prices.per_request
     )
 
     # A warm instance of f: no INIT billed, nothing to wait for.

@@ -243,6 +243,26 @@ def test_spawn_via_zygote_and_fresh(mesh):
           f"(stages: zygote {mesh['ready']['i-zygote'].stages}, fresh {mesh['ready']['i-fresh'].stages})")
 
 
+def test_cold_starts_wait_their_turn_at_the_init_gate(mesh):
+    """The node (2 vCPUs) admits cold starts into fork + INIT while their CPU shares fit: four
+    one-vCPU instances requested at once run two at a time. Each holds its share for at least
+    its start delay d, so the last two waited for one of the first two to be ready: their
+    "spawn" stage (request to the worker's first line, the delay included) is at least 2d, a
+    bound from the order of events, not from how fast this machine is."""
+    delay = 1.0
+    ids = [f"i-gate{k}" for k in range(4)]
+    for instance_id in ids:
+        spawn(mesh, instance_id, "zygote", start_delay_s=delay)
+    readies = [mesh["coordinator"].about(i, InstanceReady, SpawnFailed) for i in ids]
+    assert all(isinstance(r, InstanceReady) for r in readies), readies
+    waited = sorted(r.stages["spawn"] for r in readies)
+    assert waited[2] >= 2 * delay - 0.01 and waited[3] >= 2 * delay - 0.01, waited
+    for instance_id in ids:
+        mesh["coordinator"].send(StopFunction(instance_id, "test"))
+    for instance_id in ids:
+        assert mesh["coordinator"].about(instance_id, InstanceStopped).reason == "requested"
+
+
 def test_heartbeat_lists_instances(mesh):
     beat = mesh["coordinator"].wait_for(
         lambda m: isinstance(m, NodeHeartbeat)
