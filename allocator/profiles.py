@@ -395,6 +395,10 @@ class Profiles:
     expert_billed:   the worker's own execution time of a CPU call vs (memory_gb, tokens): what
                      invocation billing bills (``expert`` is the caller's wait, which also holds
                      the CFS stalls of a small share before the call starts); None: ``expert``
+    cfs_period_s:    the CFS period the functions were measured under: ``expert`` is measured
+                     back to back, where a small share waits out its quota on every call; a call
+                     that finds its quota unspent runs at full speed until the quota is spent
+                     (allocator.cost ``spaced_call_s``); None: every call as back to back
     """
 
     host: str
@@ -411,6 +415,7 @@ class Profiles:
     spawn_s: float = 0.0
     spawn_shares: float = SPAWN_PATH_SHARES
     expert_billed: ExpertLatency | None = None
+    cfs_period_s: float | None = None
 
     @property
     def billed_expert(self) -> ExpertLatency:
@@ -424,6 +429,8 @@ class Profiles:
             raise ValueError(f"Profiles: spawn_s must be >= 0, got {self.spawn_s}")
         if self.spawn_shares <= 0:
             raise ValueError(f"Profiles: spawn_shares must be > 0, got {self.spawn_shares}")
+        if self.cfs_period_s is not None and self.cfs_period_s <= 0:
+            raise ValueError(f"Profiles: cfs_period_s must be > 0, got {self.cfs_period_s}")
 
     def init_s(self, weight_bytes):
         """INIT of a cold start alone (limits, weights, ready): the cold start less its fork."""
@@ -443,6 +450,7 @@ class Profiles:
             "runtime_gb": self.runtime_gb,
             "spawn_s": self.spawn_s,
             "spawn_shares": self.spawn_shares,
+            "cfs_period_s": self.cfs_period_s,
             "expert_billed": None if self.expert_billed is None else {
                 "curve": _curve_to_dict(self.expert_billed.curve),
                 "token_slope": self.expert_billed.token_slope,
@@ -470,6 +478,7 @@ class Profiles:
             spawn_s=_spawn_s(data),
             spawn_shares=float(data.get("spawn_shares") or SPAWN_PATH_SHARES),
             expert_billed=_latency_from_dict(data.get("expert_billed")),
+            cfs_period_s=_cfs_period_s(data),
         )
 
     def to_json(self) -> str:
@@ -483,6 +492,13 @@ class Profiles:
     @staticmethod
     def from_json(text: str) -> Profiles:
         return Profiles.from_dict(json.loads(text))
+
+    @property
+    def full_speed_gb(self) -> float:
+        """The memory at which the expert curve stops improving: one call's time at full speed
+        (a function below it computes as fast until its CPU quota is spent)."""
+        saturation = getattr(self.expert.curve, "saturation_gb", math.inf)
+        return float(saturation) if math.isfinite(saturation) else 1.0
 
     @staticmethod
     def synthetic(shape: ModelShape | None = None, host: str = "synthetic") -> Profiles:
@@ -546,3 +562,11 @@ def plot_fits(points, fits: Mapping[str, ExpertLatency], path) -> None:
     axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
+
+
+def _cfs_period_s(data: Mapping) -> float | None:
+    """cfs_period_s as stored, else the period the profile's measurement ran under (None: unknown)."""
+    if data.get("cfs_period_s"):
+        return float(data["cfs_period_s"])
+    period_us = ((data.get("measurement") or {}).get("functions") or {}).get("cfs_period_us")
+    return float(period_us) / 1e6 if period_us else None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from allocator import baselines
-from allocator.cost import Loads, call_probability, estimate
+from allocator.cost import Loads, call_probability, estimate, spaced_call_s
 from allocator.model import Cluster, ModelShape, Node, Prices, WarmInstance, Workload
 from allocator.plan import FunctionSpec, MainSpec, Plan
 from allocator.profiles import ExpertLatency, HyperbolicCurve, LinearModel, Profiles
@@ -180,3 +182,29 @@ def test_parallel_functions_share_the_function_nodes_cpus():
 
     assert layer_decode(2) == pytest.approx(0.012)
     assert layer_decode(1) == pytest.approx(0.020)
+
+
+def test_a_call_that_finds_its_quota_unspent_runs_at_full_speed():
+    """The expert curve is measured back to back (a 0.5 GB function takes 20 ms for 10 ms of
+    work: it waits out its quota); a call that starts with its quota unspent runs at full speed
+    until the quota is spent. The hand-worked case's function, with a CFS period known:"""
+    assert spaced_call_s(0.010, 0.5, 0.100) == pytest.approx(0.010)  # 50 ms quota: never throttled
+    assert spaced_call_s(0.010, 0.5, 0.010) == pytest.approx(0.015)  # 5 ms, wait 5 ms, 5 ms
+    assert spaced_call_s(0.010, 1.0, 0.010) == pytest.approx(0.010)  # a whole vCPU: never throttled
+    profiles = hand_profiles()
+    cluster = Cluster((Node("n", "cpu", 8.0, 1),), "n")
+    workload = Workload(4, 2)
+    forecast = Forecast(np.array([[0.75, 0.25]]), np.array([[4.5, 1.5]]), 1.0)
+    plan = Plan(
+        "hand", MainSpec(2.0, "cpu"), frozenset({(0, 0)}), (FunctionSpec("f", ((0, 1),), 0.5),)
+    )
+    loads = Loads.from_forecast(forecast, workload, 1)
+    back_to_back = estimate(plan, loads, profiles, cluster, workload)
+    long_period = estimate(plan, loads, dataclasses.replace(profiles, cfs_period_s=0.1), cluster, workload)
+    short_period = estimate(plan, loads, dataclasses.replace(profiles, cfs_period_s=0.01), cluster, workload)
+    assert back_to_back.layer_prefill_s == pytest.approx((0.022,))
+    assert long_period.layer_prefill_s == pytest.approx((0.012,))  # 10 ms of work + 2 ms transfer
+    assert short_period.layer_prefill_s == pytest.approx((0.017,))  # one prefill call: quota unspent
+    # Decode: the function is busy part of the time, so its calls fall between the two.
+    assert long_period.tpot_s < short_period.tpot_s < back_to_back.tpot_s
+    assert long_period.function_gb_s["f"] < back_to_back.function_gb_s["f"]
