@@ -335,7 +335,7 @@ def _phase(
     )
     billed_compute = np.bincount(branches.entry_branch, billed_work, count)
     if profiles.cfs_period_s is not None:  # calls that find their quota unspent (docstring)
-        throttled = branches.remote & ~branches.gpu
+        cpu_remote = branches.remote & ~branches.gpu
         full = np.bincount(branches.entry_branch,
                            np.where(on_gpu, 0.0, profiles.expert.expected_seconds(profiles.full_speed_gb, tokens)),
                            count)
@@ -346,8 +346,8 @@ def _phase(
             busy = np.clip(rate * full / np.maximum(share, 1e-12), 0.0, 1.0)
         else:
             busy = np.zeros(count)
-        compute = np.where(throttled, spaced + (compute - spaced) * busy, compute)
-        billed_compute = np.where(throttled, spaced + (billed_compute - spaced) * busy, billed_compute)
+        compute = np.where(cpu_remote, spaced + (compute - spaced) * busy, compute)
+        billed_compute = np.where(cpu_remote, spaced + (billed_compute - spaced) * busy, billed_compute)
     payload = 2.0 * profiles.shape.activation_bytes * call_tokens / spread
     transfer = np.where(branches.remote, profiles.scatter_gather(payload), 0.0)
     time_s = np.where(probability > 0, compute + transfer, 0.0)

@@ -31,6 +31,17 @@ def hand_profiles() -> Profiles:
     )
 
 
+def hand_case():
+    """(cluster, workload, forecast, plan) of the hand-worked case: one 1-CPU node, N_in 4,
+    N_out 2, expert 0 local in a 2 GB main, expert 1 in a 0.5 GB function."""
+    cluster = Cluster((Node("n", "cpu", 8.0, 1),), "n")
+    forecast = Forecast(np.array([[0.75, 0.25]]), np.array([[4.5, 1.5]]), 1.0)
+    plan = Plan(
+        "hand", MainSpec(2.0, "cpu"), frozenset({(0, 0)}), (FunctionSpec("f", ((0, 1),), 0.5),)
+    )
+    return cluster, Workload(4, 2), forecast, plan
+
+
 def test_hand_worked_case():
     """One layer, two experts, top-1; expert 0 local in a 2 GB CPU main on a 1-CPU node, expert
     1 in a 0.5 GB function. N_in = 4, N_out = 2, shares (0.75, 0.25).
@@ -52,12 +63,7 @@ def test_hand_worked_case():
       Calls: main 1 + prefill 1 + 2 * 0.25 = 2.5.
     """
     profiles = hand_profiles()
-    cluster = Cluster((Node("n", "cpu", 8.0, 1),), "n")
-    workload = Workload(4, 2)
-    forecast = Forecast(np.array([[0.75, 0.25]]), np.array([[4.5, 1.5]]), 1.0)
-    plan = Plan(
-        "hand", MainSpec(2.0, "cpu"), frozenset({(0, 0)}), (FunctionSpec("f", ((0, 1),), 0.5),)
-    )
+    cluster, workload, forecast, plan = hand_case()
     result = estimate(plan, Loads.from_forecast(forecast, workload, 1), profiles, cluster, workload)
     assert result.layer_prefill_s == pytest.approx((0.022,))
     assert result.ttft_s == pytest.approx(1.023)
@@ -192,12 +198,7 @@ def test_a_call_that_finds_its_quota_unspent_runs_at_full_speed():
     assert spaced_call_s(0.010, 0.5, 0.010) == pytest.approx(0.015)  # 5 ms, wait 5 ms, 5 ms
     assert spaced_call_s(0.010, 1.0, 0.010) == pytest.approx(0.010)  # a whole vCPU: never throttled
     profiles = hand_profiles()
-    cluster = Cluster((Node("n", "cpu", 8.0, 1),), "n")
-    workload = Workload(4, 2)
-    forecast = Forecast(np.array([[0.75, 0.25]]), np.array([[4.5, 1.5]]), 1.0)
-    plan = Plan(
-        "hand", MainSpec(2.0, "cpu"), frozenset({(0, 0)}), (FunctionSpec("f", ((0, 1),), 0.5),)
-    )
+    cluster, workload, forecast, plan = hand_case()
     loads = Loads.from_forecast(forecast, workload, 1)
     back_to_back = estimate(plan, loads, profiles, cluster, workload)
     long_period = estimate(plan, loads, dataclasses.replace(profiles, cfs_period_s=0.1), cluster, workload)
