@@ -17,10 +17,14 @@ Model (processor sharing, per node, deterministic):
   ``_place``), counting warm instances already there.
 - Each cold start needs ``spawn_s`` CPU-seconds of the zygote (the fork; serial: one at a
   time), which starts only when its CPU cap fits in the node's ``init_cpus`` beside the caps
-  of those in fork or INIT (the gate; one alone always fits), and then ``init_s =
-  cold_start(bytes) - spawn_s`` CPU-seconds of its own (INIT), both as measured alone on a 1
-  vCPU share by ``moemesh profile``, at most its CPU share (``cpu_cap``: its quota; at most
-  one CPU, INIT is one thread).
+  of those in fork or INIT (the gate; one alone always fits), and then its INIT: first
+  ``init_fixed_s`` seconds that use no CPU of the node (joining its cgroup, the "limits" stage:
+  6-21 ms whatever the quota), then ``init_s = cold_start(bytes) - spawn_s - init_fixed_s``
+  CPU-seconds (loading its weights, binding its socket), all as measured alone by ``moemesh
+  profile`` and brought to a full vCPU, at most its CPU share (``cpu_cap``: its quota; at most
+  one CPU, INIT is one thread). Measured alone, one expert: weights 18 ms at 1 vCPU, 30 ms at
+  0.5, 135 ms at 0.125 (the quota's 1/share), limits 12 ms at each; INIT taken whole as CPU
+  work at the quota billed the 0.125 GB functions of a 48-function plan 1.8x the meter.
 - The node's ``cpus`` are shared among the spawn path (while a fork runs; weight
   ``spawn_shares``: the daemon, the zygote and the new child each take a share) and the
   workers in INIT (weight 1 each). The weight is fitted per host and model by `moemesh
@@ -55,6 +59,7 @@ class ColdReplica:
     spawn_s: float
     init_s: float
     cpu_cap: float = 1.0  # CPUs its INIT may use: its CPU share, at most one (module docstring)
+    fixed_s: float = 0.0  # INIT's first part, no CPU: joining its cgroup (Profiles.init_fixed_s)
 
 
 @dataclass(frozen=True)
@@ -133,30 +138,41 @@ def simulate_node(
     caps: Sequence[float] | None = None,
     spawn_shares: float = SPAWN_PATH_SHARES,
     gate_cpus: float = math.inf,
+    fixed_s: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One node's cold starts in processor sharing: (ready_s, INIT duration) per replica [n].
 
     Replica k is forked (``spawn_s[k]`` CPU-seconds) after replica k-1's fork, and only once
     its CPU cap fits in ``gate_cpus`` beside the caps of the replicas still in fork or INIT (the
-    daemon's init gate, nodes/init_gate.py; one alone always fits; inf: no gate), then needs
-    ``init_s[k]`` CPU-seconds of INIT at most ``caps[k]`` CPUs (its CPU share, at most 1: one
+    daemon's init gate, nodes/init_gate.py; one alone always fits; inf: no gate). Its INIT is
+    first ``fixed_s[k]`` seconds that take no CPU of the node (joining its cgroup; default 0),
+    then ``init_s[k]`` CPU-seconds at most ``caps[k]`` CPUs (its CPU share, at most 1: one
     thread at its cgroup's quota; default 1). The node's ``cpus`` are shared among the spawn
     path, weighted ``spawn_shares`` (three processes take part in a fork: the daemon, the
-    zygote and the child), and each worker in INIT, weighted 1.
+    zygote and the child), and each worker in INIT's CPU part, weighted 1.
     """
     spawn = [float(v) for v in spawn_s]
     left = [float(v) for v in init_s]
     n = len(spawn)
     cap = [1.0] * n if caps is None else [min(float(c), 1.0) for c in caps]
-    if cpus <= 0 or gate_cpus <= 0 or any(c <= 0 for c in cap) or len(left) != n or len(cap) != n:
-        raise ValueError(f"simulate_node: need cpus, gate_cpus and caps > 0 and equal lengths, "
-                         f"got {cpus}, {gate_cpus}, {cap}")
+    delay = [0.0] * n if fixed_s is None else [float(v) for v in fixed_s]
+    if (cpus <= 0 or gate_cpus <= 0 or any(c <= 0 for c in cap) or any(d < 0 for d in delay)
+            or len(left) != n or len(cap) != n or len(delay) != n):
+        raise ValueError(f"simulate_node: need cpus, gate_cpus and caps > 0, fixed_s >= 0 and equal "
+                         f"lengths, got {cpus}, {gate_cpus}, {cap}, {delay}")
     ready, started = [0.0] * n, [0.0] * n
     nxt, forking, fork_left = 0, -1, 0.0  # next replica to admit; the one in fork (-1: none)
-    running: list[int] = []
+    running: list[int] = []  # in INIT's CPU part
+    waiting: dict[int, float] = {}  # in INIT's fixed part: seconds left
     held = 0.0  # caps of the replicas in fork or INIT
     clock = 0.0
-    while nxt < n or forking >= 0 or running:
+
+    def finish(j: int) -> None:
+        nonlocal held
+        ready[j] = clock
+        held -= cap[j]
+
+    while nxt < n or forking >= 0 or running or waiting:
         if forking < 0 and nxt < n and (held == 0.0 or held + cap[nxt] <= gate_cpus + 1e-9):
             forking, fork_left, nxt = nxt, spawn[nxt], nxt + 1
             held += cap[forking]
@@ -165,38 +181,49 @@ def simulate_node(
         else:
             jobs = ([-1] if forking >= 0 else []) + running
             rates = _share(cpus, [spawn_shares if j < 0 else 1.0 for j in jobs],
-                           [1.0 if j < 0 else cap[j] for j in jobs])
-            step = min((fork_left if j < 0 else left[j]) / rate for j, rate in zip(jobs, rates))
+                           [1.0 if j < 0 else cap[j] for j in jobs]) if jobs else []
+            step = min([(fork_left if j < 0 else left[j]) / rate for j, rate in zip(jobs, rates)]
+                       + list(waiting.values()))
             clock += step
             for j, rate in zip(jobs, rates):
                 if j < 0:
                     fork_left -= rate * step
                 else:
                     left[j] -= rate * step
+            for j in waiting:
+                waiting[j] -= step
         for j in [j for j in running if left[j] <= 1e-12]:
             running.remove(j)
-            ready[j] = clock
-            held -= cap[j]
+            finish(j)
+        for j in [j for j, t in waiting.items() if t <= 1e-12]:
+            del waiting[j]
+            if left[j] <= 1e-12:
+                finish(j)
+            else:
+                running.append(j)
         if forking >= 0 and fork_left <= 1e-12:
             started[forking] = clock
-            if left[forking] <= 1e-12:
-                ready[forking] = clock
-                held -= cap[forking]
+            if delay[forking] > 1e-12:
+                waiting[forking] = delay[forking]
+            elif left[forking] <= 1e-12:
+                finish(forking)
             else:
                 running.append(forking)
             forking = -1
-        held = max(held, 0.0) if running or forking >= 0 else 0.0
+        held = max(held, 0.0) if running or waiting or forking >= 0 else 0.0
     return np.array(ready), np.array(ready) - np.array(started)
 
 
 def fit_spawn_shares(nodes: Sequence[tuple], spawn_s: float, measured_init_s: float,
-                     grid: Sequence[float] = tuple(0.25 * k for k in range(1, 65))) -> float:
+                     grid: Sequence[float] = tuple(0.25 * k for k in range(1, 65)),
+                     fixed_s: float = 0.0) -> float:
     """The spawn-path weight with which :func:`simulate_node` bills a burst's measured INIT.
 
     A burst of cold starts requested at once on ``nodes``, each ``(cpus, init_s)`` or
     ``(cpus, init_s, caps, gate_cpus)``: the node's CPUs, per cold start it forks the INIT it
     needs alone (as the estimator models it), their CPU caps and the node's init gate (default
-    1 each and no gate); every fork takes ``spawn_s``; the measured INIT summed over the burst
+    1 each and no gate); every fork takes ``spawn_s`` and every INIT starts with ``fixed_s``
+    seconds of no CPU (Profiles.init_fixed_s); the measured INIT summed over the burst
     is ``measured_init_s``. Returns the weight of ``grid`` whose simulated sum is nearest (the
     sum grows with the weight: the forks take CPU from the INITs while they last). `moemesh
     profile` measures the burst on this host (mesh/profiling/measure.py ``cold_burst``), so the
@@ -207,7 +234,8 @@ def fit_spawn_shares(nodes: Sequence[tuple], spawn_s: float, measured_init_s: fl
         raise ValueError("fit_spawn_shares: need a burst and a measured INIT > 0")
 
     def error(weight: float) -> float:
-        total = sum(float(simulate_node(cpus, [spawn_s] * len(init), init, caps, weight, gate)[1].sum())
+        total = sum(float(simulate_node(cpus, [spawn_s] * len(init), init, caps, weight, gate,
+                                        [fixed_s] * len(init))[1].sum())
                     for cpus, init, caps, gate in nodes)
         return abs(total - measured_init_s)
 
@@ -232,6 +260,7 @@ def cold_timeline(replicas: Sequence[ColdReplica], cluster: Cluster,
             [replicas[m].cpu_cap for m in members],
             spawn_shares,
             host.init_cpus if host.init_cpus is not None else math.inf,
+            [replicas[m].fixed_s for m in members],
         )
         ready[members], init[members] = r, i
     return ColdTimeline(tuple(replicas), ready, init)

@@ -434,6 +434,7 @@ def estimate(
                 float(profiles.init_s(len(plan.functions[index].experts) * shape.bytes_per_expert)),
                 # INIT runs at the instance's CPU quota (it joins its cgroup first), one thread
                 min(1.0, plan.functions[index].memory_gb / prices.gb_per_vcpu),
+                profiles.init_fixed_s,
             )
             for index, node in place_cold(plan, cold_replicas, cluster, warm)
         ],

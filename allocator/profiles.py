@@ -375,6 +375,16 @@ def _spawn_s(data: Mapping) -> float:
     return float(data.get("spawn_s") or 0.0)
 
 
+def _init_fixed_s(data: Mapping) -> float:
+    """``init_fixed_s`` as stored, else the median "limits" stage of the cold starts recorded
+    under ``measurement``, else 0 (all of INIT bound by the quota, as before it was split)."""
+    if data.get("init_fixed_s") is not None:
+        return float(data["init_fixed_s"])
+    cold = (data.get("measurement") or {}).get("cold_starts") or []
+    limits = [c["stages"]["limits"] for c in cold if "limits" in (c.get("stages") or {})]
+    return float(np.median(limits)) if limits else 0.0
+
+
 @dataclass(frozen=True)
 class Profiles:
     """Measured (or synthetic) behaviour of one model on one host.
@@ -390,6 +400,10 @@ class Profiles:
     runtime_gb:      memory of a worker besides its weights and buffers
     reports:         the fits' quality, for the record
     spawn_s:         the fork part of ``cold_start`` (one at a time per node; not INIT)
+    init_fixed_s:    the part of INIT its CPU quota does not bound: joining its cgroup (the
+                     worker's "limits" stage: 6-21 ms at 0.125 GB as at 1 GB, where loading its
+                     weights takes 7x as long at an eighth of the quota); the rest of INIT is
+                     CPU work at the quota (``init_s``)
     spawn_shares:    the spawn path's CPU weight while forks queue on a node (allocator.coldstart),
                      fitted by `moemesh profile` to a burst of cold starts on this host
     expert_billed:   the worker's own execution time of a CPU call vs (memory_gb, tokens): what
@@ -413,6 +427,7 @@ class Profiles:
     runtime_gb: float = 0.1
     reports: tuple[FitReport, ...] = ()
     spawn_s: float = 0.0
+    init_fixed_s: float = 0.0
     spawn_shares: float = SPAWN_PATH_SHARES
     expert_billed: ExpertLatency | None = None
     cfs_period_s: float | None = None
@@ -427,14 +442,17 @@ class Profiles:
             raise ValueError(f"Profiles: runtime_gb must be >= 0, got {self.runtime_gb}")
         if self.spawn_s < 0:
             raise ValueError(f"Profiles: spawn_s must be >= 0, got {self.spawn_s}")
+        if self.init_fixed_s < 0:
+            raise ValueError(f"Profiles: init_fixed_s must be >= 0, got {self.init_fixed_s}")
         if self.spawn_shares <= 0:
             raise ValueError(f"Profiles: spawn_shares must be > 0, got {self.spawn_shares}")
         if self.cfs_period_s is not None and self.cfs_period_s <= 0:
             raise ValueError(f"Profiles: cfs_period_s must be > 0, got {self.cfs_period_s}")
 
     def init_s(self, weight_bytes):
-        """INIT of a cold start alone (limits, weights, ready): the cold start less its fork."""
-        return np.maximum(self.cold_start(weight_bytes) - self.spawn_s, 0.0)
+        """CPU-seconds of a cold start's INIT (weights, ready): the cold start alone on a full
+        vCPU less its fork and the part its quota does not bound (``init_fixed_s``)."""
+        return np.maximum(self.cold_start(weight_bytes) - self.spawn_s - self.init_fixed_s, 0.0)
 
     def to_dict(self) -> dict:
         linear = ("gpu_expert", "dense", "cold_start", "main_cold_start", "scatter_gather")
@@ -449,6 +467,7 @@ class Profiles:
             **{name: asdict(getattr(self, name)) for name in linear},
             "runtime_gb": self.runtime_gb,
             "spawn_s": self.spawn_s,
+            "init_fixed_s": self.init_fixed_s,
             "spawn_shares": self.spawn_shares,
             "cfs_period_s": self.cfs_period_s,
             "expert_billed": None if self.expert_billed is None else {
@@ -476,6 +495,7 @@ class Profiles:
             runtime_gb=float(data["runtime_gb"]),
             reports=tuple(reports),
             spawn_s=_spawn_s(data),
+            init_fixed_s=_init_fixed_s(data),
             spawn_shares=float(data.get("spawn_shares") or SPAWN_PATH_SHARES),
             expert_billed=_latency_from_dict(data.get("expert_billed")),
             cfs_period_s=_cfs_period_s(data),

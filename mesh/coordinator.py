@@ -228,8 +228,10 @@ class Coordinator:
                         self.config.predictor.name, exc)
             return
         warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
-        # the per-call time of the mesh's own scatter-gather rounds, once seen (planning.calibrated_profiles)
-        self.profiles = planning.calibrated_profiles(self.measured_profiles, self.executor.round_summary())
+        # the per-call time of the mesh's own scatter-gather rounds and the dense work of its own
+        # steps, once seen (planning.calibrated_profiles)
+        steps = self.loop_thread.dense_steps() if self.loop_thread else ()
+        self.profiles = planning.calibrated_profiles(self.measured_profiles, self.executor.round_summary(), steps)
         due = self._replan_due()
         if self._guard_trips():  # the meter overrules the estimator now, not at the next re-plan
             due = True
@@ -811,6 +813,9 @@ class Coordinator:
                 "nodes": self._nodes_view(time.time()), "instances": snap["instances"],
                 "billing": snap["billing"], "slo": snap["slo"], "engine": snap["data_plane"],
                 "rounds": self.executor.round_summary(), "steps": self.loop_thread.steps if self.loop_thread else 0,
+                # what the planner now assumes of the data plane and the dense work (calibrated_profiles)
+                "calibrated": {"scatter_gather_s": self.profiles.scatter_gather.intercept,
+                               "dense_s": self.profiles.dense.intercept},
                 "cold_starts": snap["cold_starts"], "deaths": snap["deaths"], "stragglers": snap["stragglers"],
                 "main": snap["main"], "data_plane": snap["data_plane"], "load": snap["load"],
                 "records": list(self.records.values())[-100:]}

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from mesh.executor import MeshExecutor
@@ -20,6 +21,8 @@ from nodes.model.engine import Engine, SamplingParams, Sequence
 from nodes.model.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger("moemesh.engine")
+
+DENSE_WINDOW = 64  # steps whose dense time the planner's calibration takes (the latest)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,15 @@ class EngineLoop(threading.Thread):
         self.stopping = threading.Event()
         self.by_seq: dict[int, tuple[str, Sequence, StreamDecoder | None]] = {}
         self.steps = 0
+        # (rows fed, seconds per MoE layer outside the MoE rounds) of the last DENSE_WINDOW steps:
+        # the dense work as it runs here, engine overhead included (planning.calibrated_profiles)
+        self._dense: deque[tuple[int, float]] = deque(maxlen=DENSE_WINDOW)
+        self._dense_lock = threading.Lock()
+
+    def dense_steps(self) -> list[tuple[int, float]]:
+        """The last steps' (rows, dense seconds per MoE layer); safe from any thread."""
+        with self._dense_lock:
+            return list(self._dense)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -114,15 +126,16 @@ class EngineLoop(threading.Thread):
     def _step(self) -> None:
         batch = self.engine.active[: self.engine.max_batch]
         self.executor.request_ids = [self.by_seq[s.id][0] for s in batch if s.id in self.by_seq]
-        segments, start = [], 0
+        segments, rows = [], 0
         for seq in batch:  # the rows each request feeds this step (Engine.step's order)
             n = len(seq.pending_input())
             if seq.id in self.by_seq:
-                segments.append((self.by_seq[seq.id][0], start, start + n,
+                segments.append((self.by_seq[seq.id][0], rows, rows + n,
                                  "prefill" if seq.cache.length == 0 else "decode"))
-            start += n
+            rows += n
         self.executor.set_segments(segments)
         self.executor.between_steps()
+        rounds_before = self.executor.round_s
         start = time.perf_counter()
         try:
             produced = self.engine.step()
@@ -134,8 +147,12 @@ class EngineLoop(threading.Thread):
                 if entry:
                     self.emit(Failed(entry[0], exc))
             return
-        self.meter.main_busy(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.meter.main_busy(elapsed)
         self.steps += 1
+        dense = max(0.0, elapsed - (self.executor.round_s - rounds_before))
+        with self._dense_lock:
+            self._dense.append((rows, dense / max(1, self.engine.model.config.num_moe_layers)))
         for seq, token in produced:
             entry = self.by_seq.get(seq.id)
             if entry is None:

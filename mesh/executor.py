@@ -129,6 +129,9 @@ class MeshExecutor:
         # layer -> [rounds, seconds, calls, bytes sent, slowest compute, scatter seconds, summed compute]
         # (remote rounds only)
         self.rounds: dict[int, list] = {}
+        # seconds spent in MoE rounds (every round, local or remote, cold waits included): what a
+        # step less these took is its dense work (EngineLoop.dense_steps)
+        self.round_s = 0.0
 
     # -- sockets -----------------------------------------------------------------------------
 
@@ -226,6 +229,7 @@ class MeshExecutor:
             self._hold(layer, chunk.expert_ids)
             self._local(block, plan, chunk, y)
         rec.seconds = time.perf_counter() - start
+        self.round_s += rec.seconds
         self.meter.post(rec)
         self._record = None
         if remote and not rec.waited_for:  # rounds that waited for a cold start would skew the mean

@@ -178,8 +178,10 @@ def running_profiles(profiles: Profiles, model=None) -> Profiles:
 CALIBRATION_ROUNDS = 12  # remote rounds seen before the data plane's own timing replaces the profile's
 
 
-def calibrated_profiles(profiles: Profiles, rounds: dict[str, dict]) -> Profiles:
-    """`profiles` with the scatter-gather per-call time the running mesh really takes.
+def calibrated_profiles(profiles: Profiles, rounds: dict[str, dict],
+                        dense_steps: Sequence[tuple[int, float]] = ()) -> Profiles:
+    """`profiles` with the scatter-gather per-call time and the dense work the running mesh
+    really takes.
 
     `moemesh profile` times one worker on a quiet host; the mesh's rounds also pay for waking
     many workers on shared cores (README: a round is 10-15x a raw round trip), and the planner
@@ -188,7 +190,14 @@ def calibrated_profiles(profiles: Profiles, rounds: dict[str, dict]) -> Profiles
     `round_summary()` per layer (mean_round_s, calls_per_round, bytes_per_round sent,
     slowest_compute_s: the slowest reply's own compute). The per-call intercept becomes the
     mean round less that compute and the bytes' transfer time, weighted by rounds; below
-    CALIBRATION_ROUNDS rounds the profile is kept."""
+    CALIBRATION_ROUNDS rounds the profile is kept.
+
+    dense_steps: the engine loop's last steps, (rows fed, seconds per MoE layer outside the MoE
+    rounds: attention, norms, gates, head, sampling, the engine's bookkeeping). The dense
+    intercept becomes their median less the profile's per-token slope; below CALIBRATION_ROUNDS
+    steps it is kept. The start-up timing (measure_dense) sees the model alone, on cores the
+    zygotes share: 0.73-1.43 ms a layer from one start to the next, where a 48-function mesh's
+    own steps spent more, and its main function was billed 25-30% over the estimate."""
     from allocator.profiles import LinearModel
 
     sg = profiles.scatter_gather
@@ -201,9 +210,14 @@ def calibrated_profiles(profiles: Profiles, rounds: dict[str, dict]) -> Profiles
         rest = float(r["mean_round_s"]) - float(r.get("slowest_compute_s", 0.0)) - sg.slope * per_call_bytes
         weighted += n * max(0.0, rest)
         total += n
-    if total < CALIBRATION_ROUNDS:
-        return profiles
-    return dataclasses.replace(profiles, scatter_gather=LinearModel(weighted / total, sg.slope))
+    out = profiles
+    if total >= CALIBRATION_ROUNDS:
+        out = dataclasses.replace(out, scatter_gather=LinearModel(weighted / total, sg.slope))
+    if len(dense_steps) >= CALIBRATION_ROUNDS:
+        slope = profiles.dense.slope
+        intercept = float(np.median([seconds - slope * rows for rows, seconds in dense_steps]))
+        out = dataclasses.replace(out, dense=LinearModel(max(0.0, intercept), slope))
+    return out
 
 
 class _NoExperts:

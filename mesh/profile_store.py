@@ -55,7 +55,9 @@ def stale_reason(path: Path, smallest_gb: float | None = None) -> str | None:
     """Why the profile at `path` must be measured (again), or None: none is stored, it was
     measured before `moemesh profile` measured a burst of cold starts (its spawn-path weight
     would be the built-in 3, fitted on another day: allocator.coldstart) or before the nodes'
-    init gate (its burst forked every cold start at once), or its memory sweep
+    init gate (its burst forked every cold start at once) or before INIT was split into the
+    cgroup join and CPU work at the quota (Profiles.init_fixed_s) and keyed by the weights as
+    served (a bf16 checkpoint served in float32 reads half of them), or its memory sweep
     starts above ``smallest_gb``, the smallest function plans may use (sized_for): calls of
     those would be extrapolated from the curve's fit (Bayesian sizes one-expert functions at
     0.125 GB)."""
@@ -64,13 +66,17 @@ def stale_reason(path: Path, smallest_gb: float | None = None) -> str | None:
     if not path.is_file():
         return "none measured for this host and model yet"
     try:
-        measurement = json.loads(path.read_text()).get("measurement") or {}
+        data = json.loads(path.read_text())
+        measurement = data.get("measurement") or {}
     except (OSError, ValueError, AttributeError):
         return f"{path} is unreadable"
     if "cold_burst" not in measurement:
         return f"{path} predates the cold-start burst measurement (spawn-path weight not fitted)"
     if not all("init_cpus" in n for n in measurement["cold_burst"].get("nodes") or [{}]):
         return f"{path} measured its burst of cold starts before nodes gated them (nodes/init_gate.py)"
+    if "init_fixed_s" not in data or not all("cpu_share" in c for c in measurement.get("cold_starts") or [{}]):
+        return (f"{path} fitted its cold starts with all of INIT bound by the CPU quota (no init_fixed_s) "
+                f"and keyed by the bytes read, not served")
     swept = [float(p["memory_gb"]) for p in measurement.get("points") or () if "memory_gb" in p]
     if smallest_gb is not None and swept and min(swept) > smallest_gb + 1e-9:
         return (f"{path} sweeps functions from {min(swept):g} GB, above the smallest plans may use "

@@ -79,11 +79,30 @@ def _linear(x: list[float], y: list[float]) -> tuple[LinearModel, FitReport]:
 BURST_TOLERANCE = 0.25  # the modelled INIT sum must be this close to the measured one to be kept
 
 
+def _served_bytes(cold: dict, shape: ModelShape) -> int:
+    """The weight bytes a measured cold start loaded as the mesh serves them (its experts x
+    shape.bytes_per_expert; a record without its expert count: the bytes it read)."""
+    return int(cold["experts"]) * shape.bytes_per_expert if "experts" in cold else int(cold["bytes"])
+
+
+def _full_vcpu_s(cold: dict) -> float:
+    """A measured cold start's seconds as it would take on a full vCPU: its fork and the cgroup
+    join ("spawn", "limits": not bound by its quota) as measured, the rest (weights, ready: CPU
+    work at the quota) times its CPU share (``cpu_share``, at most 1; none recorded: 1)."""
+    stages = cold.get("stages") or {}
+    share = min(1.0, float(cold.get("cpu_share", 1.0)))
+    if share >= 1.0 or not stages:
+        return float(cold["seconds"])
+    fixed = float(stages.get("spawn", 0.0)) + float(stages.get("limits", 0.0))
+    return fixed + max(float(cold["seconds"]) - fixed, 0.0) * share
+
+
 def fit_burst(profiles: Profiles, burst: dict) -> tuple[Profiles, dict]:
     """(profiles with spawn_shares fitted to the burst, the fit's report): the weight with which
     allocator.coldstart bills the burst's measured INIT, per node as the burst ran (burst["node"]
     and burst["cpus"] per instance), given the INIT alone each instance has in ``profiles``
-    (cold start less fork); the report puts the modelled sum, mean and last ready beside the
+    (cold start less fork, the part its quota bounds, at the burst's CPU share, after
+    ``init_fixed_s``); the report puts the modelled sum, mean and last ready beside the
     measured ones. Where no weight brings the modelled sum within BURST_TOLERANCE of the measured
     one (the INITs of the burst took longer than any sharing of the CPUs makes them: the
     processor-sharing model does not explain this host's burst), the built-in weight is kept and
@@ -95,16 +114,18 @@ def fit_burst(profiles: Profiles, burst: dict) -> tuple[Profiles, dict]:
     cpus = burst["cpus"] if isinstance(burst["cpus"], list) else [burst["cpus"]] * len(burst["bytes"])
     gates = [n.get("init_cpus") for n in burst.get("nodes") or ()]
     cap = min(1.0, float(burst.get("cpu_share", 1.0)))  # INIT at the instance's quota, one thread
-    alone = [float(profiles.init_s(b)) for b in burst["bytes"]]
+    alone = [float(profiles.init_s(profiles.shape.bytes_per_expert))] * len(burst["bytes"])  # one expert each
     groups = [(float(cpus[m[0]]), [alone[i] for i in m], [cap] * len(m),
                float(gates[k]) if k < len(gates) and gates[k] else math.inf)
               for k, m in members.items()]
-    fitted = fit_spawn_shares(groups, spawn, burst["init_sum_s"])
+    fixed = profiles.init_fixed_s
+    fitted = fit_spawn_shares(groups, spawn, burst["init_sum_s"], fixed_s=fixed)
 
     def simulate(weight: float) -> tuple[list[float], list[float]]:
         ready, init = [], []
         for node_cpus, node_alone, caps, gate in groups:
-            r, i = simulate_node(node_cpus, [spawn] * len(node_alone), node_alone, caps, weight, gate)
+            r, i = simulate_node(node_cpus, [spawn] * len(node_alone), node_alone, caps, weight, gate,
+                                 [fixed] * len(node_alone))
             ready += list(r)
             init += list(i)
         return ready, init
@@ -149,12 +170,16 @@ def fit_profiles(rows: list[dict], overhead: dict[int, float], cold: list[dict],
         billed = fit_expert_latency(billed_points, saturation_gb=saturation_gb,
                                     token_slope=None if len(tokens) > 1 else 0.0).best
     scatter_gather, sg_report = _linear([2 * t * activation_bytes for t in tokens], [overhead[t] for t in tokens])
-    cold_start, cold_report = _linear([c["bytes"] for c in cold], [c["seconds"] for c in cold])
+    # Keyed on the weights as served (experts x shape.bytes_per_expert, what the estimator asks
+    # for), not the bytes read: a bf16 checkpoint served in float32 reads half its served bytes.
+    cold_start, cold_report = _linear([_served_bytes(c, shape) for c in cold], [_full_vcpu_s(c) for c in cold])
     spawns = [c["stages"]["spawn"] for c in cold if "spawn" in (c.get("stages") or {})]
+    limits = [c["stages"]["limits"] for c in cold if "limits" in (c.get("stages") or {})]
     profiles = dataclasses.replace(
         Profiles.synthetic(shape, host=host), model=model_name, expert=chosen,
         scatter_gather=scatter_gather, cold_start=cold_start,
         spawn_s=float(np.median(spawns)) if spawns else SYNTHETIC_SPAWN_S,  # as Profiles.from_dict reads it
+        init_fixed_s=float(np.median(limits)) if limits else 0.0,
         expert_billed=billed,
         reports=(*fit.reports, dataclasses.replace(sg_report, family="scatter_gather"),
                  dataclasses.replace(cold_report, family="cold_start")),

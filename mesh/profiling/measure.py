@@ -233,6 +233,7 @@ def cold_starts(node: Node, s: Settings, experts_per_layer: int, layers: int, pr
             record = read_run_record(node.run_dir, ready.instance_id)
             node.stop(ready.instance_id)
             out.append({"experts": n, "bytes": int(record.get("bytes_read", 0)), "seconds": elapsed,
+                        "memory_gb": s.cold_memory, "cpu_share": node.config.functions.cpu_share(s.cold_memory),
                         "stages": dict(ready.stages)})
             progress.show(f"cold start: {n} experts", advance=1)
     return out

@@ -28,6 +28,20 @@ def test_one_cold_start_alone_is_its_fork_then_its_init():
     assert ready == pytest.approx([0.09]) and init == pytest.approx([0.08])
 
 
+def test_the_cgroup_join_takes_time_but_no_cpu():
+    """INIT's fixed part (Profiles.init_fixed_s) delays its replica whatever its quota and
+    leaves the node's CPU to the others: two joins at once overlap, where CPU work would not."""
+    ready, init = simulate_node(1.0, [0.01], [0.04], caps=[0.5], fixed_s=[0.012])
+    assert ready == pytest.approx([0.01 + 0.012 + 0.08]) and init == pytest.approx([0.092])
+    ready, init = simulate_node(1.0, [0.0, 0.0], [0.0, 0.0], fixed_s=[0.05, 0.05])
+    assert ready == pytest.approx([0.05, 0.05])  # no CPU: both at once on one CPU
+    # one joining while the other computes: the computing one has the whole CPU meanwhile
+    ready, init = simulate_node(1.0, [0.0, 0.0], [0.1, 0.1], fixed_s=[0.0, 0.05])
+    assert ready == pytest.approx([0.15, 0.2])
+    with pytest.raises(ValueError, match="fixed_s"):
+        simulate_node(1.0, [0.0], [0.1], fixed_s=[-0.1])
+
+
 def test_forks_are_serial_and_inits_share_the_node():
     ready, init = simulate_node(1.0, [0.01, 0.01, 0.01], [0.0, 0.0, 0.0])
     assert ready == pytest.approx([0.01, 0.02, 0.03])  # one fork after another
@@ -194,6 +208,14 @@ def test_spawn_s_comes_from_the_measured_stages():
     data["measurement"] = {"cold_starts": [{"stages": {"spawn": s, "weights": 0.01}} for s in (0.01, 0.02, 0.05)]}
     assert Profiles.from_json(json.dumps(data)).spawn_s == pytest.approx(0.02)
     assert float(profiles.init_s(0)) == pytest.approx(profiles.cold_start.intercept - profiles.spawn_s)
+    # the cgroup join ("limits") is INIT's fixed part: stored, else the measured median, else 0
+    assert Profiles.from_json(json.dumps(data)).init_fixed_s == 0.0
+    del data["init_fixed_s"]  # a profile stored before INIT was split: read from its measurement
+    data["measurement"]["cold_starts"] = [{"stages": {"spawn": 0.02, "limits": v}} for v in (0.006, 0.012, 0.02)]
+    read = Profiles.from_json(json.dumps(data))
+    assert read.init_fixed_s == pytest.approx(0.012)
+    assert float(read.init_s(0)) == pytest.approx(read.cold_start.intercept - read.spawn_s - 0.012)
+    assert Profiles.from_dict(read.to_dict()).init_fixed_s == pytest.approx(0.012)
     with pytest.raises(ValueError, match="spawn_s"):
         Profiles(profiles.host, profiles.model, profiles.shape, profiles.expert, profiles.gpu_expert,
                  profiles.dense, profiles.cold_start, profiles.main_cold_start, profiles.scatter_gather,

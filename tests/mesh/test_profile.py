@@ -165,6 +165,10 @@ def test_a_profile_from_before_the_burst_is_measured_again(profiled, tmp_path):
     del old["measurement"]["cold_burst"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert "predates the cold-start burst" in stale_reason(tmp_path / "old.json")
+    unsplit = json.loads(profiled["path"].read_text())
+    del unsplit["init_fixed_s"]  # fitted before INIT's cgroup join was split from its CPU work
+    (tmp_path / "unsplit.json").write_text(json.dumps(unsplit))
+    assert "no init_fixed_s" in stale_reason(tmp_path / "unsplit.json")
     (tmp_path / "bad.json").write_text("{")
     assert "unreadable" in stale_reason(tmp_path / "bad.json")
 
@@ -355,7 +359,10 @@ def test_the_billed_curve_is_the_workers_compute_without_the_stalls():
 def test_fit_profiles_recovers_known_lines_and_stores_the_best_curve():
     rows, overhead = expert_points(_samples(0.0), (0.25, 1.0), (1, 4), 32, saturation_gb=1.0)
     cold = [{"experts": n, "bytes": n * 100_000, "seconds": 0.05 + n * 100_000 / 1e7, "stages": {}} for n in (1, 2, 4)]
-    shape = ModelShape(moe_layers=2, experts_per_layer=4, top_k=2, hidden=8, bytes_per_expert=768,
+    # an expert reads 50 kB (bf16 on disk) and is served as 100 kB (float32): the cold start is
+    # keyed on the served bytes, what the estimator asks for
+    cold = [{**c, "bytes": c["bytes"] // 2} for c in cold]
+    shape = ModelShape(moe_layers=2, experts_per_layer=4, top_k=2, hidden=8, bytes_per_expert=100_000,
                        main_bytes=10_000, kv_bytes_per_token=64, activation_bytes=32, name="t")
     fitted = fit_profiles(rows, overhead, cold, shape, "h", "tiny", 32, saturation_gb=1.0)
     p = fitted.profiles
@@ -392,3 +399,19 @@ def test_fit_profiles_recovers_known_lines_and_stores_the_best_curve():
 
     one = fit_profiles(rows, overhead, cold[:1], shape, "h", "tiny", 32, 1.0).profiles.cold_start
     assert (one.intercept, one.bandwidth) == (pytest.approx(cold[0]["seconds"]), math.inf)  # one size: no slope
+
+
+def test_cold_starts_measured_below_a_vcpu_are_fitted_as_on_a_full_one():
+    """The cgroup join ("limits") is INIT's fixed part; the rest of a cold start measured at a
+    quarter of a vCPU is CPU work at that quota, a quarter as long on a full vCPU."""
+    rows, overhead = expert_points(_samples(0.0), (0.25, 1.0), (1, 4), 32, saturation_gb=1.0)
+    shape = ModelShape(moe_layers=2, experts_per_layer=4, top_k=2, hidden=8, bytes_per_expert=768,
+                       main_bytes=10_000, kv_bytes_per_token=64, activation_bytes=32, name="t")
+    stages = {"spawn": 0.02, "limits": 0.01, "weights": 0.12, "ready": 0.0}
+    quarter = [{"experts": 1, "bytes": 100_000, "seconds": 0.15, "cpu_share": 0.25, "stages": stages}]
+    p = fit_profiles(rows, overhead, quarter, shape, "h", "tiny", 32, 1.0).profiles
+    assert p.init_fixed_s == pytest.approx(0.01) and p.spawn_s == pytest.approx(0.02)
+    assert p.cold_start.intercept == pytest.approx(0.02 + 0.01 + 0.03)  # 0.12 s at a quarter: 0.03 s
+    assert float(p.init_s(100_000)) == pytest.approx(0.03)
+    full = fit_profiles(rows, overhead, [{**quarter[0], "cpu_share": 1.0}], shape, "h", "tiny", 32, 1.0).profiles
+    assert full.cold_start.intercept == pytest.approx(0.15)  # measured on a full vCPU: as it is

@@ -31,3 +31,16 @@ def test_too_few_rounds_keep_the_profile():
                  "bytes_per_round": 0, "slowest_compute_s": 0.0}}
     assert planning.calibrated_profiles(profiles, few) is profiles
     assert planning.calibrated_profiles(profiles, {}) is profiles
+
+
+def test_the_mesh_own_steps_replace_the_start_up_dense_timing():
+    """The dense intercept becomes the median of the steps' time outside the MoE rounds, less
+    the profile's per-token slope (a prefill of 40 rows beside one-row decode steps)."""
+    profiles = Profiles.synthetic(small_shape())
+    slope = profiles.dense.slope
+    steps = [(40, 0.002 + slope * 40)] + [(1, 0.0015 + slope)] * 20 + [(1, 0.009 + slope)] * 3  # a few slow ones
+    calibrated = planning.calibrated_profiles(profiles, {}, steps)
+    assert calibrated.dense.intercept == pytest.approx(0.0015) and calibrated.dense.slope == slope
+    assert calibrated.scatter_gather == profiles.scatter_gather  # no rounds seen: as profiled
+    few = steps[: planning.CALIBRATION_ROUNDS - 1]
+    assert planning.calibrated_profiles(profiles, {}, few) is profiles

@@ -84,6 +84,8 @@ def test_replicas_split_a_rounds_rows(tiny_model, reference, tmp_path):
         assert sum(rows) == routed
         assert rows[1] - rows[0] <= steps, (rows, steps)
         assert rows[0] >= routed // 2 - steps
+        # the planner now takes the dense work from the mesh's own steps (planning.calibrated_profiles)
+        assert after["steps"] >= 12 and after["calibrated"]["dense_s"] > 0, after["calibrated"]
 
 
 def _id(instance: dict) -> str:
