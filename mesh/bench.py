@@ -139,6 +139,7 @@ def _replay_once(policy: str, prompts: list[str], new_tokens: int, reference: li
         "estimate_vs_meter_tpot": (est_tpot / statistics.median(r[1].tpot_s for r in results)
                                    if est_tpot else None),
         "data_plane": status.get("data_plane"), "main": status.get("main"),
+        "calibrated": status.get("calibrated"),  # per-call and dense seconds the planner took from the run
         "components": components([r[1].record for r in results], status),  # est vs meter per term
         "requests": [{"ttft_s": r[1].ttft_s, "tpot_s": r[1].tpot_s, "estimate": r[1].record.get("estimate")}
                      for r in results],  # per request: what was measured beside what was estimated
