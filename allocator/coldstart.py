@@ -23,8 +23,9 @@ Model (processor sharing, per node, deterministic):
   CPU-seconds (loading its weights, binding its socket), all as measured alone by ``moemesh
   profile`` and brought to a full vCPU, at most its CPU share (``cpu_cap``: its quota; at most
   one CPU, INIT is one thread). Measured alone, one expert: weights 18 ms at 1 vCPU, 30 ms at
-  0.5, 135 ms at 0.125 (the quota's 1/share), limits 12 ms at each; INIT taken whole as CPU
-  work at the quota billed the 0.125 GB functions of a 48-function plan 1.8x the meter.
+  0.5, 135 ms at 0.125 (the quota's 1/share), limits 12 ms at each. Taken whole as CPU work
+  at the quota (and keyed on the bytes read, half those served for the bundled bf16 checkpoint),
+  the INIT of a 48-function plan's 0.33 GB functions was estimated at 1.8x the meter's.
 - The node's ``cpus`` are shared among the spawn path (while a fork runs; weight
   ``spawn_shares``: the daemon, the zygote and the new child each take a share) and the
   workers in INIT (weight 1 each). The weight is fitted per host and model by `moemesh

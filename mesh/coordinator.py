@@ -228,6 +228,11 @@ class Coordinator:
                         self.config.predictor.name, exc)
             return
         warm = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.warm_instances()]
+        # what a re-plan decides with: instances still starting count as kept, their INIT already
+        # paid whichever plan wins (counted cold, a plan that keeps them was charged their INIT a
+        # second time and lost to one that throws them away); the recorded estimate keeps them
+        # cold, as the meter bills their INIT to this request
+        live = [WarmInstance(i.function_id, i.experts, i.memory_gb, i.node) for i in self.registry.live_instances()]
         # the per-call time of the mesh's own scatter-gather rounds and the dense work of its own
         # steps, once seen (planning.calibrated_profiles)
         steps = self.loop_thread.dense_steps() if self.loop_thread else ()
@@ -239,12 +244,13 @@ class Coordinator:
         # the plan in force's estimate: recorded when it stays, or what the gate weighs
         estimate = self._estimate(forecast, workload, warm) if gated or not due else None
         if due:
-            skip = self._replan_skip(estimate, workload, slo_class) if gated else None
+            kept = estimate if len(live) == len(warm) else self._estimate(forecast, workload, live)
+            skip = self._replan_skip(kept, workload, slo_class) if gated else None
             if skip:
                 log.debug("%s: %s", request_id, skip)
                 self.meter.policy = {**planning.describe(self.plan, forecast), "kept": skip}
             else:
-                self._replan(forecast, workload, warm, slo_class)
+                self._replan(forecast, workload, live, slo_class)
                 estimate = self._estimate(forecast, workload, warm)
         self.meter.request_estimate(request_id, estimate)
 

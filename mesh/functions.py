@@ -181,6 +181,11 @@ class Registry:
         with self.cond:
             return [i for i in self.instances.values() if i.state is State.WARM]
 
+    def live_instances(self) -> list[Instance]:
+        """Warm and starting instances: what a re-plan can keep (a starting one's INIT is paid)."""
+        with self.cond:
+            return [i for i in self.instances.values() if i.live]
+
     def _changed(self) -> None:
         self.generation += 1
         self.cond.notify_all()

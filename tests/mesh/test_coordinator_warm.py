@@ -143,3 +143,19 @@ def test_a_re_plan_that_resizes_a_function_runs_the_new_size():
     assert registry.serving("L0-r0") == ([new], False) and new.memory_gb == 0.75
     registry.set_plan(Plan("test", MainSpec(1.0), frozenset(), (small,)))  # and back: the old one serves
     assert registry.serving("L0-r0") == ([old], False) and registry.superseded_on("n1") == [new]
+
+
+def test_a_re_plan_decides_with_the_instances_still_starting():
+    """Registry.live_instances: what a re-plan can keep is warm and starting instances (a starting
+    one's INIT is paid whichever plan wins); the estimate recorded for the meter takes the warm
+    ones only (warm_instances), as the meter bills the rest's INIT to the request."""
+    registry = Registry()
+    spec = FunctionSpec("L0-r0", ((0, 0),), 1.0)
+    registry.set_plan(Plan("test", MainSpec(1.0), frozenset(), (spec,)))
+    starting = registry.new_instance(spec, 0, "n1")
+    warm = registry.new_instance(spec, 1, "n2")
+    gone = registry.new_instance(spec, 0, "n1")
+    registry.transition(warm.instance_id, State.WARM)
+    registry.transition(gone.instance_id, State.FAILED)
+    assert {i.instance_id for i in registry.warm_instances()} == {warm.instance_id}
+    assert {i.instance_id for i in registry.live_instances()} == {starting.instance_id, warm.instance_id}
