@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         result = http_vs_sdk(_config("zygote"), prompts, args.new_tokens, args.out)
         return 0 if result["text_identical"] else 1
     if args.policies:
-        local = in_process_decode(prompts, args.new_tokens, EXTRA)
+        local = in_process_decode(prompts, args.new_tokens, EXTRA, one_at_a_time=True)  # as the replay sends them
         chosen = tuple(p for p in args.only.split(",") if p)
         rows = policy_replay(prompts, args.new_tokens, local["tokens"], args.out, args.traces, chosen,
                              max(1, args.repeats))

@@ -69,8 +69,12 @@ async def mesh_decode(address: str, prompts: list[str], new_tokens: int,
             "tokens_per_s": rates}
 
 
-def in_process_decode(prompts: list[str], new_tokens: int, extra: dict, levels: tuple[int, ...] = ()) -> dict:
-    """The in-process engine on one thread (as the coordinator runs), same prompts and batch."""
+def in_process_decode(prompts: list[str], new_tokens: int, extra: dict, levels: tuple[int, ...] = (),
+                      one_at_a_time: bool = False) -> dict:
+    """The in-process engine on one thread (as the coordinator runs), same prompts and batch;
+    one_at_a_time: each prompt alone, as a replay that sends them one after another runs them
+    (in bfloat16 the batch a row shares changes the kernels' blocking, and a near-tie of the
+    logits can flip: 1 of 32 greedy tokens did on the Qwen shapes)."""
     import torch
 
     from nodes.model.checkpoint import Checkpoint
@@ -91,11 +95,13 @@ def in_process_decode(prompts: list[str], new_tokens: int, extra: dict, levels: 
     last: dict[int, float] = {}
     start = time.perf_counter()
     out: list[list[int]] = [[] for _ in ids]
-    for i, token in engine.generate(ids, params):
-        now = time.perf_counter()
-        first.setdefault(i, now)
-        last[i] = now
-        out[i].append(token)
+    groups = [[i] for i in range(len(ids))] if one_at_a_time else [list(range(len(ids)))]
+    for group in groups:
+        for j, token in engine.generate([ids[i] for i in group], params):
+            now = time.perf_counter()
+            first.setdefault(group[j], now)
+            last[group[j]] = now
+            out[group[j]].append(token)
     wall = time.perf_counter() - start
     tpot = [(last[i] - first[i]) / max(1, len(out[i]) - 1) for i in range(len(ids))]
     rates = {}

@@ -31,6 +31,9 @@ def job_prompts(n: int) -> list[str]:
         gsm = [json.loads(x) for x in (root / "gsm8k_test.jsonl").read_text().splitlines()[:n]]
         mt = [json.loads(x) for x in (root / "mt_bench.jsonl").read_text().splitlines()]
     except FileNotFoundError:
+        print(f"prompts: {root} not found (nor a shared/data/prompts above the working directory); "
+              f"{len(FALLBACK)} built-in prompts stand in (run from a checkout beside ../shared for the "
+              "GSM8K and MT-bench prompts the README's figures use)", file=sys.stderr)
         return (FALLBACK * n)[:n]
     coding = [q["turns"][0] for q in mt if q["category"] == "coding"]
     writing = [q["turns"][0] for q in mt if q["category"] in ("writing", "humanities")]

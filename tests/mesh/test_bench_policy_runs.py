@@ -29,3 +29,22 @@ def test_each_row_is_the_median_run_with_every_run_and_the_cost_spread_against_a
 def test_without_all_local_there_is_no_cost_ratio():
     rows = summarise_runs({"remoe": [run(1.0, 1.0)]})
     assert rows["remoe"]["cost_vs_all_local"] is None and rows["remoe"]["cost_vs_all_local_range"] is None
+
+
+def test_the_replays_reference_decodes_each_prompt_alone_as_the_replay_sends_them():
+    """The policy replay sends prompts one after another, so its reference is each prompt decoded
+    alone (in bfloat16 a row's batch changes its logits enough to flip a near-tie)."""
+    from mesh.bench_dataplane import in_process_decode
+    from mesh.config import resolve_model_path
+    from nodes.model.checkpoint import Checkpoint
+    from nodes.model.engine import Engine, SamplingParams
+    from nodes.model.tokenizer import Tokenizer
+
+    prompts = ["The purpose of a license is", "def fibonacci(n):"]
+    result = in_process_decode(prompts, 3, {}, one_at_a_time=True)
+    path = resolve_model_path("bundled")
+    model, tok = Checkpoint(path).load_model(), Tokenizer.from_dir(path)
+    params = SamplingParams(max_new_tokens=3, stop_at_eos=False)
+    alone = [Engine(model).complete([tok.encode(p)], params)[0] for p in prompts]
+    assert result["tokens"] == alone and all(len(t) == 3 for t in alone)
+    assert len(result["tpot_s"]) == 2
