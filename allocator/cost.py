@@ -45,7 +45,7 @@ the same memory (and, if the plan names nodes, on that node): no cold start, no 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -401,8 +401,14 @@ def estimate(
     *,
     warm: Sequence[WarmInstance] = (),
     main_warm: bool = False,
+    main_held: Collection[tuple[int, int]] | None = None,
 ) -> Estimate:
-    """Expected TTFT, TPOT, GB-s and money of ``plan`` when routing follows ``loads``."""
+    """Expected TTFT, TPOT, GB-s and money of ``plan`` when routing follows ``loads``.
+
+    The main function: cold (its start-up is on the TTFT) unless ``main_warm`` (up, holding the
+    plan's local experts) or ``main_held`` (up, holding these experts: a re-plan's candidate
+    loads the local experts it lacks before the prefill, at ``Profiles.weights_s``, billed like
+    a cold start)."""
     shape = profiles.shape
     layers, experts = shape.moe_layers, shape.experts_per_layer
     if loads.prefill.shape != (layers, experts):
@@ -443,7 +449,14 @@ def estimate(
     )
     ready_s = np.append(timeline.function_ready_s(count), 0.0)
     main_bytes = shape.main_bytes + len(plan.local) * shape.bytes_per_expert
-    main_cold = 0.0 if main_warm else float(profiles.main_cold_start(main_bytes))
+    if main_warm:
+        main_cold = 0.0
+    elif main_held is not None:
+        held = set(map(tuple, main_held))
+        missing = sum(1 for e in plan.local if tuple(e) not in held)
+        main_cold = float(profiles.weights_s(missing * shape.bytes_per_expert))
+    else:
+        main_cold = float(profiles.main_cold_start(main_bytes))
 
     dense_prefill = float(profiles.dense(workload.prompt_tokens))
     clock = main_cold

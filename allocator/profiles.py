@@ -454,6 +454,12 @@ class Profiles:
         vCPU less its fork and the part its quota does not bound (``init_fixed_s``)."""
         return np.maximum(self.cold_start(weight_bytes) - self.spawn_s - self.init_fixed_s, 0.0)
 
+    def weights_s(self, weight_bytes):
+        """Seconds a running process takes to read these expert weights on one thread (the
+        cold-start line's slope: its weights stage, without fork, cgroup join or ready): what the
+        main function spends loading the experts a re-plan keeps local."""
+        return np.maximum(np.asarray(weight_bytes, dtype=float) * float(self.cold_start.slope), 0.0)
+
     def to_dict(self) -> dict:
         linear = ("gpu_expert", "dense", "cold_start", "main_cold_start", "scatter_gather")
         return {

@@ -40,7 +40,7 @@ import zmq
 import zmq.asyncio
 
 from allocator import keepalive as keep_alive
-from allocator.plan import FunctionSpec
+from allocator.plan import FunctionSpec, Plan
 from mesh import planning
 from mesh.config import MeshConfig, resolve_model_path
 from mesh.control import bind_control, register_ack, spawn_request
@@ -131,6 +131,7 @@ class Coordinator:
         self.arrivals: deque[float] = deque(maxlen=REUSE_WINDOW)  # admission times (planning.expected_reuse)
         self.admitted = 0
         self.guard_tripped = False  # the meter guard (see _guarded_config)
+        self.loading: Plan | None = None  # a re-plan loading its local experts, not yet in force (_warm)
         # Memory held = memory billed: the main function holds the non-expert weights and only the
         # experts its plan keeps local (loaded below, once the plan is made).
         self.model = self.checkpoint.load_model(experts=())
@@ -250,8 +251,10 @@ class Coordinator:
                 log.debug("%s: %s", request_id, skip)
                 self.meter.policy = {**planning.describe(self.plan, forecast), "kept": skip}
             else:
+                held = frozenset(self.main.held())
                 self._replan(forecast, workload, live, slo_class)
-                estimate = self._estimate(forecast, workload, warm)
+                # the re-plan's loads into the main are this request's, on its TTFT and billed
+                estimate = self._estimate(forecast, workload, warm, main_held=held)
         self.meter.request_estimate(request_id, estimate)
 
     def _replans_gated(self) -> bool:
@@ -278,17 +281,21 @@ class Coordinator:
         try:
             plan = planning.make_plan(self._guarded_config(), self.model.config, forecast, workload, warm=warm,
                                       profiles=self.profiles, reuse=self._reuse(), slo_class=slo_class,
-                                      in_force=self.plan)
+                                      in_force=self.plan, main_held=self.main.held())
         except Exception as exc:  # a policy that cannot plan keeps the plan in force
             log.warning("policy %s could not plan (%s); keeping the plan in force", self.config.policy.name, exc)
             return
         self.plan_s = time.perf_counter() - start
-        loaded, seconds = self.main.load(plan.local, pin=True)  # before the plan names them local
-        if loaded:
-            self.meter.main_loaded(loaded, seconds, "re-plan")
-        self.plan, self.workload = plan, workload
-        self._adopt(plan)  # experts now remote are dropped once a warm function serves them
+        self.loading = plan  # while it loads, _warm starts no function this plan drops
+        try:
+            loaded, seconds = self.main.load(plan.local, pin=True)  # before the plan names them local
+            self.plan, self.workload = plan, workload
+            self._adopt(plan)  # experts now remote are dropped once a warm function serves them
+        finally:
+            self.loading = None
         self._main_changed(self.main.held_bytes(), len(self.main.held()))
+        if loaded:  # billed at the size it grew to
+            self.meter.main_loaded(loaded, seconds, "re-plan")
         self.meter.policy = planning.describe(plan, forecast)
         log.info("re-planned with %s in %.1f ms: %d local experts, %d functions (forecast by %s, confidence %.2f)%s",
                  plan.policy, (time.perf_counter() - start) * 1e3, len(plan.local), len(plan.functions),
@@ -341,15 +348,16 @@ class Coordinator:
                     "[policy] meter_guard = false to keep planning with it)", policy.name, billing["cost"], baseline)
         return True
 
-    def _estimate(self, forecast, workload, warm) -> dict | None:
+    def _estimate(self, forecast, workload, warm, main_held=None) -> dict | None:
         """The planner's figures for a request under the plan in force (its forecast, the warm
-        instances now, the main function already up), recorded beside what the meter measures."""
+        instances now, the main function already up: holding its local experts, or ``main_held``
+        before a re-plan loaded the rest), recorded beside what the meter measures."""
         from allocator.cost import Loads, estimate
 
         try:
             loads = Loads.from_forecast(forecast, workload, self.profiles.shape.top_k)
-            return estimate(self.plan, loads, self.profiles, self.cluster, workload, warm=warm,
-                            main_warm=True).summary()
+            main = {"main_warm": True} if main_held is None else {"main_held": main_held}
+            return estimate(self.plan, loads, self.profiles, self.cluster, workload, warm=warm, **main).summary()
         except Exception as exc:  # an estimate is for the record: never fail a request over it
             log.warning("no planner estimate for this request (%s)", exc)
             return None
@@ -691,9 +699,17 @@ class Coordinator:
     # -- reconcile loop ------------------------------------------------------------------------
 
     def _warm(self) -> None:
-        """Ask daemons for every planned function replica that has no live instance."""
+        """Ask daemons for every planned function replica that has no live instance; while a
+        re-plan loads its local experts (``loading``), only for the functions it keeps (the plan
+        still in force had its cold starts bought, on that request's TTFT and bill, by the plan
+        replacing it: Qwen replay, 4 functions of 1 GB started while the main loaded 239 experts
+        in their place)."""
         now = time.time()
+        loading = self.loading
+        keep = None if loading is None else {(f.id, f.experts, f.memory_gb) for f in loading.functions}
         for spec, replica in self.registry.missing_replicas():
+            if keep is not None and (spec.id, spec.experts, spec.memory_gb) not in keep:
+                continue
             failures, last = self.spawn_failures.get((spec.id, replica), (0, 0.0))
             if failures and now - last < min(30.0, 0.5 * 2 ** (failures - 1)):
                 continue  # capped exponential backoff after failed spawns: no spawn storms

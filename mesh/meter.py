@@ -202,7 +202,8 @@ class Meter:
         self.main_busy_s = 0.0
         self.main_since = self.started  # main memory has been main_memory_gb since then
         self.main_gb_s_before = 0.0  # instance mode: GB-s of earlier main sizes
-        self.main_busy_gb_s = 0.0  # invocation mode: sum of memory x busy seconds
+        self.main_busy_gb_s = 0.0  # invocation mode: sum of memory x busy seconds (and of its loads)
+        self.main_load_gb_s = 0.0  # of which the re-plans' expert loads (main_loaded)
         self.requests_total = 0
         self.retired: dict[str, dict] = {}  # function id -> billing of instances folded away
         self.keep_stopped = 500  # stopped instance records kept in detail
@@ -240,8 +241,15 @@ class Meter:
             self.main_held_bytes, self.main_experts = int(held_bytes), int(experts)
 
     def main_loaded(self, experts: list, seconds: float, why: str) -> None:
-        """The main function loaded these experts (a re-plan): timed, billed from now on."""
+        """The main function loaded these experts (a re-plan): timed, and billed like a cold
+        start (in invocation mode its seconds at the main's size now, which set_main gave after
+        the load; instance mode bills the main's whole wall anyway). Not main busy time: the
+        all-local baseline would not have loaded them."""
         with self._lock:
+            self._fold()
+            if self.prices.mode == "invocation" and self.prices.bill_init:
+                self.main_busy_gb_s += self.main_memory_gb * float(seconds)
+                self.main_load_gb_s += self.main_memory_gb * float(seconds)
             self.cold_starts.append({
                 "time": self.clock(), "instance_id": "main", "function_id": "main", "node": "main",
                 "path": why, "experts": [list(e) for e in experts], "stages": {"weights": seconds},
@@ -535,7 +543,7 @@ class Meter:
         elapsed = max(1e-9, now - self.started)
         return {
             "mode": self.prices.mode, "currency": "USD", "gb_s": main_gb_s + experts_gb_s, "cost": cost,
-            "gb_s_main": main_gb_s, "gb_s_experts": experts_gb_s,
+            "gb_s_main": main_gb_s, "gb_s_main_loads": self.main_load_gb_s, "gb_s_experts": experts_gb_s,
             "rate_gb_s_per_s": (main_gb_s + experts_gb_s) / elapsed, "invocations": invocations,
             "by_function": by_function,
             "baseline_all_local_gb_s": baseline_gb_s, "baseline_all_local_cost": baseline_cost,

@@ -292,12 +292,14 @@ def expected_reuse(arrivals: Sequence[float], keep_alive_s: float, seen: int | N
 
 def make_plan(config: MeshConfig, model: MoEConfig, forecast: Forecast | None = None,
               workload: Workload | None = None, warm=(), profiles: Profiles | None = None,
-              reuse: float = 1.0, slo_class: str | None = None, in_force: Plan | None = None) -> Plan:
+              reuse: float = 1.0, slo_class: str | None = None, in_force: Plan | None = None,
+              main_held=None) -> Plan:
     """Run the configured policy (profiles: pass them to skip reading the stored ones again;
     reuse: the requests its cold starts are expected to serve, expected_reuse, which the
     `moemesh` policy spreads their INIT over; slo_class: the SLO class of the request planned
     for, None: [slo] default_class; in_force: the plan running now, which `moemesh` judges
-    beside its fresh candidates, its ``warm`` instances costing no INIT)."""
+    beside its fresh candidates, its ``warm`` instances costing no INIT; main_held: the experts
+    the running main function holds, which `moemesh` candidates need not load)."""
     profiles = profiles or profiles_of(config, model)
     shape = profiles.shape
     workload = workload or DEFAULT_WORKLOAD
@@ -321,6 +323,7 @@ def make_plan(config: MeshConfig, model: MoEConfig, forecast: Forecast | None = 
     if name == "moemesh":
         options["reuse"] = max(1.0, float(reuse))
         options["in_force"] = in_force
+        options["main_held"] = main_held
     return allocator.make_plan(name, forecast, profiles, slo_of(config, slo_class), cluster_of(config), workload,
                                **options)
 

@@ -209,3 +209,22 @@ def test_a_call_that_finds_its_quota_unspent_runs_at_full_speed():
     # Decode: the function is busy part of the time, so its calls fall between the two.
     assert long_period.tpot_s < short_period.tpot_s < back_to_back.tpot_s
     assert long_period.function_gb_s["f"] < back_to_back.function_gb_s["f"]
+
+
+def test_a_re_plan_loads_only_the_local_experts_the_running_main_lacks():
+    """main_held: the main is up; the plan's local experts it lacks load before the prefill at
+    Profiles.weights_s (the cold-start line's slope), on the TTFT and billed at the main's size;
+    holding them all costs nothing, like main_warm; no main start-up in either case."""
+    profiles = dataclasses.replace(hand_profiles(), cold_start=LinearModel(0.5, 2e-6))  # 2 s per expert
+    cluster, workload, forecast, plan = hand_case()
+    loads = Loads.from_forecast(forecast, workload, 1)
+    warm = (WarmInstance("f", frozenset({(0, 1)}), 0.5),)
+    up = estimate(plan, loads, profiles, cluster, workload, warm=warm, main_warm=True)
+    held = estimate(plan, loads, profiles, cluster, workload, warm=warm, main_held={(0, 0), (0, 1)})
+    assert held.ttft_s == pytest.approx(up.ttft_s) and held.main_gb_s == pytest.approx(up.main_gb_s)
+    lacking = estimate(plan, loads, profiles, cluster, workload, warm=warm, main_held=())
+    assert lacking.main_cold_s == pytest.approx(2.0)  # expert 0: 1e6 bytes x 2e-6 s/B
+    assert lacking.ttft_s == pytest.approx(up.ttft_s + 2.0)
+    assert lacking.main_gb_s == pytest.approx(up.main_gb_s + 2.0 * 2.0)  # 2 GB main, 2 s
+    cold = estimate(plan, loads, profiles, cluster, workload, warm=warm)
+    assert cold.main_cold_s == pytest.approx(1.0)  # main_cold_start: a start-up, not a load

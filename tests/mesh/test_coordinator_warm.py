@@ -23,6 +23,7 @@ class _Warmer:
         self.spawn_failures: dict = {}
         self.unplaced: set = set()
         self.room = False
+        self.loading = None  # a re-plan loading its local experts (Coordinator.loading)
         self.spawned: list[str] = []
 
     def _place(self, spec, replica):
@@ -44,6 +45,24 @@ def test_an_unplaceable_function_is_warned_about_once_and_spawned_when_room_come
         warmer._warm()
     assert sorted(warmer.spawned) == ["L0-E0", "L0-E1", "L0-E2"] and not warmer.unplaced
     assert sum("placed on n1 again" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_while_a_re_plan_loads_its_experts_no_function_it_drops_is_started():
+    """Coordinator._replan loads the new plan's local experts before the plan takes force; in
+    that time the reconcile tick starts only the functions the new plan keeps, not the ones of
+    the plan it replaces (whose cold starts would be billed for nothing), and once it is in
+    force the rest of its own."""
+    warmer = _Warmer()
+    warmer.room = True
+    kept = warmer.specs[0]
+    warmer.loading = Plan("next", MainSpec(2.0), frozenset({(0, 1), (0, 2)}),
+                          (kept, FunctionSpec("L0-E3", ((0, 3),), 0.5)))
+    warmer._warm()
+    assert warmer.spawned == ["L0-E0"]  # E1 and E2 go local; E3 is not in the plan in force yet
+    warmer.registry.set_plan(warmer.loading)
+    warmer.loading = None
+    warmer._warm()
+    assert warmer.spawned == ["L0-E0", "L0-E3"]
 
 
 class _Placer:

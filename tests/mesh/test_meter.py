@@ -53,6 +53,24 @@ def test_invocation_mode_bills_each_calls_own_time_rounded_up_plus_init():
     assert b["invocations"] == 3
 
 
+def test_a_re_plans_expert_load_is_billed_to_the_main_and_not_to_the_all_local_baseline():
+    """Memory held = memory billed: the seconds a re-plan spends loading experts into the main
+    are billed at the size it grew to (invocation mode, with INIT billed), beside its busy time;
+    the all-local baseline, which holds them from the start, is not charged for them."""
+    m, _ = meter("invocation")
+    m.set_main(4.0, baseline_memory_gb=4.0)
+    m.main_busy(1.0)
+    m.main_loaded([(0, 1), (0, 2)], 2.5, "re-plan")
+    b = m.billing()
+    assert b["gb_s_main"] == pytest.approx(4.0 * 1.0 + 4.0 * 2.5) and b["gb_s_main_loads"] == pytest.approx(10.0)
+    assert b["baseline_all_local_gb_s"] == pytest.approx(4.0 * 1.0)
+    assert m.snapshot()["cold_starts"][-1]["stages"] == {"weights": 2.5}
+    free, _ = meter("invocation", bill_init=False)
+    free.set_main(4.0)
+    free.main_loaded([(0, 1)], 2.5, "re-plan")
+    assert free.billing()["gb_s_main"] == 0.0
+
+
 def test_a_resized_main_function_keeps_earlier_time_at_its_earlier_size():
     m, clock = meter("instance")
     m.set_main(1.0)
