@@ -132,6 +132,7 @@ class MeshExecutor:
         # seconds spent in MoE rounds (every round, local or remote, cold waits included): what a
         # step less these took is its dense work (EngineLoop.dense_steps)
         self.round_s = 0.0
+        self._cold_sent_at = 0.0  # when the round in progress last called a function it waited for
 
     # -- sockets -----------------------------------------------------------------------------
 
@@ -222,8 +223,10 @@ class MeshExecutor:
             self._hold(layer, local)
             run_experts(block.experts, plan, local, out=y)  # disjoint rows: written in place
 
-        scattered = time.perf_counter()
+        scattered = self._cold_sent_at = time.perf_counter()
         sent_rows += self._gather(plan, layer, pending, y, fallback, cold)
+        if rec.waited_for:  # idle from the end of its own work until the last cold function could be called
+            rec.cold_wait_s = max(0.0, self._cold_sent_at - scattered)
         for chunk in fallback:  # in the main function: its own (billed) copy, else loaded on demand
             rec.fallbacks += 1
             self._hold(layer, chunk.expert_ids)
@@ -464,6 +467,7 @@ class MeshExecutor:
             if warm:
                 self._seen_warm.add(warm[0].version)
                 self._record.waited_for.append(warm[0].instance_id)
+                self._cold_sent_at = time.perf_counter()
                 log.info("a round waited for the cold start of %s", function_id)
             before = set(pending)
             sent += self._scatter(function_id, experts, warm, plan, layer, pending, fallback)

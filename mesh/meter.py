@@ -82,6 +82,7 @@ class RoundRecord:
     seconds: float = 0.0
     at: float = 0.0  # unix time the round started (0: the meter's clock when folded)
     shm_calls: int = 0  # calls whose rows went through shared memory
+    cold_wait_s: float = 0.0  # of its seconds, the main function idle waiting for cold starts
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ class Meter:
         self.main_gb_s_before = 0.0  # instance mode: GB-s of earlier main sizes
         self.main_busy_gb_s = 0.0  # invocation mode: sum of memory x busy seconds (and of its loads)
         self.main_load_gb_s = 0.0  # of which the re-plans' expert loads (main_loaded)
+        self.main_cold_wait_s = 0.0  # of main_busy_s, rounds idle waiting for cold starts (not all-local's)
         self.requests_total = 0
         self.retired: dict[str, dict] = {}  # function id -> billing of instances folded away
         self.keep_stopped = 500  # stopped instance records kept in detail
@@ -298,6 +300,7 @@ class Meter:
         dp["late"] += rec.late
         dp["on_demand_loads"] += len(rec.on_demand)
         dp["cold_start_waits"] += len(rec.waited_for)
+        self.main_cold_wait_s += rec.cold_wait_s
         dp["dropped_slots"] += rec.dropped
         dp["shm_calls"] += rec.shm_calls
         if rec.calls or rec.fallbacks:
@@ -489,6 +492,16 @@ class Meter:
     def _main_seconds(self, now: float) -> float:
         return (now - self.main_started_at) if self.prices.mode == "instance" else self.main_busy_s
 
+    def _baseline_seconds(self, now: float) -> float:
+        """The all-local main's seconds for the same traffic: the main's own, less the time its
+        rounds sat idle waiting for cold starts, which a main holding every expert never waits
+        (counted in, a Qwen replay's 13 s first TTFT made all-local look 3x dearer than its own
+        run). Calls to warm functions stay counted: all-local computes those rows itself. In
+        instance mode the baseline is up as long as the mesh is, waits or not."""
+        if self.prices.mode == "instance":
+            return self._main_seconds(now)
+        return max(0.0, self._main_seconds(now) - self.main_cold_wait_s)
+
     def _main_gb_s(self, now: float) -> float:
         if self.prices.mode == "instance":
             return self.main_gb_s_before + self.main_memory_gb * (now - self.main_since)
@@ -536,7 +549,7 @@ class Meter:
             cost += (invocations + requests) * per_request
         baseline_gb_s = baseline_cost = None
         if self.baseline_main_memory_gb is not None:
-            baseline_gb_s = self.baseline_main_memory_gb * self._main_seconds(now)
+            baseline_gb_s = self.baseline_main_memory_gb * self._baseline_seconds(now)
             baseline_cost = baseline_gb_s * main_rate
             if self.prices.mode == "invocation":
                 baseline_cost += requests * per_request
@@ -544,6 +557,7 @@ class Meter:
         return {
             "mode": self.prices.mode, "currency": "USD", "gb_s": main_gb_s + experts_gb_s, "cost": cost,
             "gb_s_main": main_gb_s, "gb_s_main_loads": self.main_load_gb_s, "gb_s_experts": experts_gb_s,
+            "main_cold_wait_s": self.main_cold_wait_s,
             "rate_gb_s_per_s": (main_gb_s + experts_gb_s) / elapsed, "invocations": invocations,
             "by_function": by_function,
             "baseline_all_local_gb_s": baseline_gb_s, "baseline_all_local_cost": baseline_cost,

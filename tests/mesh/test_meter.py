@@ -145,3 +145,23 @@ def test_idle_times_per_function_feed_the_adaptive_keep_alive():
     msg = spawn_request("fn.0.0", "fn", [(0, 1)], 0.5, config, "/m", keep_alive_s=keep.keep_alive_s)
     assert msg.keep_alive_s == keep.keep_alive_s
     assert spawn_request("fn.0.0", "fn", [(0, 1)], 0.5, config, "/m").keep_alive_s == config.functions.keep_alive_s
+
+
+def test_the_all_local_baseline_leaves_out_the_rounds_idle_waiting_for_cold_starts():
+    """A main holding every expert never waits for a function's cold start: the baseline counts
+    the main's busy seconds less its rounds' cold-start waits (invocation mode); the main itself
+    is billed for all of them; instance mode's baseline is up as long as the mesh, waits or not."""
+    from mesh.meter import RoundRecord, StepRecord
+
+    m, _ = meter("invocation")
+    m.set_main(0.5, baseline_memory_gb=4.0)
+    m.post(RoundRecord(0, 1, np.zeros(2, dtype=np.int64), [], waited_for=["f.0"], seconds=2.5, cold_wait_s=2.0))
+    m.post(StepRecord(3.0))  # the step that ran that round
+    b = m.billing()
+    assert b["gb_s_main"] == pytest.approx(0.5 * 3.0) and b["main_cold_wait_s"] == pytest.approx(2.0)
+    assert b["baseline_all_local_gb_s"] == pytest.approx(4.0 * 1.0)
+    held, clock = meter("instance")
+    held.set_main(0.5, baseline_memory_gb=4.0)
+    held.post(RoundRecord(0, 1, np.zeros(2, dtype=np.int64), [], waited_for=["f.0"], seconds=2.5, cold_wait_s=2.0))
+    clock.now += 3.0
+    assert held.billing()["baseline_all_local_gb_s"] == pytest.approx(4.0 * 3.0)
