@@ -405,10 +405,10 @@ def estimate(
 ) -> Estimate:
     """Expected TTFT, TPOT, GB-s and money of ``plan`` when routing follows ``loads``.
 
-    The main function: cold (its start-up is on the TTFT) unless ``main_warm`` (up, holding the
-    plan's local experts) or ``main_held`` (up, holding these experts: a re-plan's candidate
-    loads the local experts it lacks before the prefill, at ``Profiles.weights_s``, billed like
-    a cold start)."""
+    The main function: cold (its start-up is on the TTFT) unless ``main_held`` (up, holding
+    these experts: a re-plan's candidate loads the local experts it lacks before the prefill, at
+    ``Profiles.weights_s``, billed like a cold start); ``main_warm``: up, holding the plan's own
+    local experts (``main_held=plan.local``)."""
     shape = profiles.shape
     layers, experts = shape.moe_layers, shape.experts_per_layer
     if loads.prefill.shape != (layers, experts):
@@ -450,13 +450,13 @@ def estimate(
     ready_s = np.append(timeline.function_ready_s(count), 0.0)
     main_bytes = shape.main_bytes + len(plan.local) * shape.bytes_per_expert
     if main_warm:
-        main_cold = 0.0
-    elif main_held is not None:
+        main_held = plan.local
+    if main_held is None:
+        main_cold = float(profiles.main_cold_start(main_bytes))
+    else:
         held = set(map(tuple, main_held))
         missing = sum(1 for e in plan.local if tuple(e) not in held)
         main_cold = float(profiles.weights_s(missing * shape.bytes_per_expert))
-    else:
-        main_cold = float(profiles.main_cold_start(main_bytes))
 
     dense_prefill = float(profiles.dense(workload.prompt_tokens))
     clock = main_cold

@@ -41,9 +41,10 @@ Entry point: :func:`plan`. What it adds to Remoe (allocator.remoe), in order:
 8. **A re-plan starts from the main function as it is.** At a re-plan the main is up and holds
    the plan in force's local experts; a candidate that keeps more local loads them before the
    prefill (on the TTFT, billed), one that keeps fewer loads nothing. Judged as a cold main
-   instead, every candidate paid a main start-up it would not have, the all-local one ~0.5 s
-   against the 5.3 s its 239 Qwen experts took to load, and won (request 1 of a Qwen replay:
-   TTFT 13 s, then dropped them at request 2).
+   instead, every candidate paid a main start-up it would not have (the unmeasured default:
+   the all-local one 3.3 s, the plan in force's 1.2 s) rather than the loads it needs (5.3 s for
+   all-local's 239 Qwen experts at the cold-start slope), and all-local won (request 1 of a Qwen
+   replay: TTFT 13 s, then dropped them at request 2).
 
 Every step keeps a plan only when its key is strictly better, and Remoe's own plan is a
 candidate, so the result's key is never worse than Remoe's on the estimator (tested in
@@ -92,18 +93,19 @@ class _Judge:
         self.same = forecast.confidence >= 1.0
         self.args = (profiles, cluster, workload)
         self.slo, self.warm, self.reuse = slo, tuple(warm), float(reuse)
-        self.main = {} if main_held is None else {"main_held": frozenset(map(tuple, main_held))}
+        self.main_held = None if main_held is None else frozenset(map(tuple, main_held))
         self.calls = 0
 
     def __call__(self, plan: Plan) -> Key:
         self.calls += 1
-        result = estimate(plan, self.loads, *self.args, warm=self.warm, **self.main)
+        result = estimate(plan, self.loads, *self.args, warm=self.warm, main_held=self.main_held)
         violation = round(result.slo_violation(self.slo), 9)
         hedged = (
             violation
             if self.same
             else round(
-                estimate(plan, self.hedged, *self.args, warm=self.warm, **self.main).slo_violation(self.slo), 9
+                estimate(plan, self.hedged, *self.args, warm=self.warm, main_held=self.main_held)
+                .slo_violation(self.slo), 9
             )
         )
         return (float(violation), float(hedged), float(result.amortised_money(self.reuse)))
@@ -383,7 +385,8 @@ def plan(
             best, search.reuse_warm(best[0], instance), f"reuse {instance.function_id}"
         )
 
-    estimate_now = estimate(best[0], judge.loads, profiles, cluster, workload, warm=judge.warm, **judge.main)
+    estimate_now = estimate(best[0], judge.loads, profiles, cluster, workload, warm=judge.warm,
+                            main_held=judge.main_held)
     if estimate_now.ttft_s > tight_ttft * slo.ttft_s:
         for layer in np.argsort(-np.array(estimate_now.layer_prefill_s), kind="stable"):
             for _ in range(max_replicas):

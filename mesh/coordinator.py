@@ -252,7 +252,7 @@ class Coordinator:
                 self.meter.policy = {**planning.describe(self.plan, forecast), "kept": skip}
             else:
                 held = frozenset(self.main.held())
-                self._replan(forecast, workload, live, slo_class)
+                self._replan(forecast, workload, live, slo_class, held)
                 # the re-plan's loads into the main are this request's, on its TTFT and billed
                 estimate = self._estimate(forecast, workload, warm, main_held=held)
         self.meter.request_estimate(request_id, estimate)
@@ -274,14 +274,14 @@ class Coordinator:
         return self.adaptive and not ((replan_every == 0 and self.since_plan > 1) or
                                       (replan_every and (self.since_plan - 1) % replan_every))
 
-    def _replan(self, forecast, workload, warm, slo_class: str | None = None) -> None:
+    def _replan(self, forecast, workload, warm, slo_class: str | None = None, held=None) -> None:
         """Plan from the forecast, for the request's SLO class (the one it is served and judged
         under); load what the plan keeps local before it names it local."""
         start = time.perf_counter()
         try:
             plan = planning.make_plan(self._guarded_config(), self.model.config, forecast, workload, warm=warm,
                                       profiles=self.profiles, reuse=self._reuse(), slo_class=slo_class,
-                                      in_force=self.plan, main_held=self.main.held())
+                                      in_force=self.plan, main_held=self.main.held() if held is None else held)
         except Exception as exc:  # a policy that cannot plan keeps the plan in force
             log.warning("policy %s could not plan (%s); keeping the plan in force", self.config.policy.name, exc)
             return
@@ -350,14 +350,14 @@ class Coordinator:
 
     def _estimate(self, forecast, workload, warm, main_held=None) -> dict | None:
         """The planner's figures for a request under the plan in force (its forecast, the warm
-        instances now, the main function already up: holding its local experts, or ``main_held``
-        before a re-plan loaded the rest), recorded beside what the meter measures."""
+        instances now, the main function already up, holding what it holds now or ``main_held``,
+        what it held before a re-plan loaded the rest), recorded beside what the meter measures."""
         from allocator.cost import Loads, estimate
 
         try:
             loads = Loads.from_forecast(forecast, workload, self.profiles.shape.top_k)
-            main = {"main_warm": True} if main_held is None else {"main_held": main_held}
-            return estimate(self.plan, loads, self.profiles, self.cluster, workload, warm=warm, **main).summary()
+            held = self.main.held() if main_held is None else main_held
+            return estimate(self.plan, loads, self.profiles, self.cluster, workload, warm=warm, main_held=held).summary()
         except Exception as exc:  # an estimate is for the record: never fail a request over it
             log.warning("no planner estimate for this request (%s)", exc)
             return None

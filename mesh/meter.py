@@ -248,7 +248,6 @@ class Meter:
         the load; instance mode bills the main's whole wall anyway). Not main busy time: the
         all-local baseline would not have loaded them."""
         with self._lock:
-            self._fold()
             if self.prices.mode == "invocation" and self.prices.bill_init:
                 self.main_busy_gb_s += self.main_memory_gb * float(seconds)
                 self.main_load_gb_s += self.main_memory_gb * float(seconds)
@@ -300,9 +299,9 @@ class Meter:
         dp["late"] += rec.late
         dp["on_demand_loads"] += len(rec.on_demand)
         dp["cold_start_waits"] += len(rec.waited_for)
-        self.main_cold_wait_s += rec.cold_wait_s
         dp["dropped_slots"] += rec.dropped
         dp["shm_calls"] += rec.shm_calls
+        self.main_cold_wait_s += rec.cold_wait_s  # left out of the all-local baseline
         if rec.calls or rec.fallbacks:
             for rid in rec.request_ids:
                 req = self.requests.get(rid)
